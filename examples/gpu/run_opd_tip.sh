@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# On-policy distillation (OPD) with TIP token selection on GPUs, through verl's own entry point
+# (python -m verl.trainer.main_ppo) and verl's GPU stack: vLLM rollout, FSDP2 actor and teacher,
+# flash-attention (verl's default attention), remove-padding and dynamic batch sizes.
+#
+# Usage:
+#   PAIR=qwen3_8b_4b METHOD=soft_or50 DATA_DIR=data/math bash examples/gpu/run_opd_tip.sh [hydra overrides...]
+#
+# Environment (required ones marked *):
+#   PAIR          qwen3_8b_4b (default) | llama_70b_8b | qwen25_14b_15b -- the paper's math pairs (Sec. 7.1);
+#                 sets the default student/teacher checkpoints, learning rate and rollout TP.
+#   METHOD        all | entropy50 | entropy20 | entropy_sample50 | soft_or50 (default) | soft_or20 | q3_20
+#                 | soft_or_bottom50 -- the token-selection method and retention ratio (Tables 3-6).
+#   STUDENT_PATH  local Hugging Face folder of the student (default: $MODEL_ROOT/<model name>)
+#   TEACHER_PATH  local Hugging Face folder of the teacher (default: $MODEL_ROOT/<model name>)
+#   MODEL_ROOT    where the default checkpoints live (default: $HOME/models)
+# * DATA_DIR      folder written by `python -m tip_verl.tools.math_data`: train.parquet (+ math500 /
+#                 aime24 / aime25 .parquet, used for validation: mean@16 at temperature 1.0)
+#   NNODES, N_GPUS_PER_NODE (default 1, 8), ROLLOUT_TP (vLLM tensor parallel size; per-pair default)
+#   OUTPUT_DIR    checkpoints and validation dumps (default: outputs/$PROJECT/$EXPERIMENT)
+#   PROJECT, EXPERIMENT  tracker names (default: tip_opd, ${PAIR}_${METHOD})
+#   LR, TRAIN_BATCH_SIZE, PPO_MINI_BATCH_SIZE, ROLLOUT_N, MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH,
+#   TOTAL_EPOCHS, TOTAL_TRAINING_STEPS, WARMUP_RATIO, MIN_LR_RATIO, WEIGHT_DECAY, VAL_N, TEST_FREQ,
+#   SAVE_FREQ, GPU_MEMORY_UTILIZATION, LOGGER, SEED, PYTHON -- see the defaults below.
+#   DRY_RUN=1     print the full command (one line, shell-quoted) instead of running it.
+#
+# Paper settings used here: AdamW with a cosine schedule, lr 1e-6 (Qwen3, Qwen2.5) / 3e-7 (Llama),
+# reverse KL on student rollouts at temperature 1.0, evaluation by mean@16 at temperature 1.0.
+# The paper's full hyper-parameter table (App. B.3, Table 9) is not in its text, so batch size,
+# rollout.n, response length and the number of epochs below are this project's defaults.
+set -euo pipefail
+
+die() {
+    echo "run_opd_tip.sh: error: $*" >&2
+    exit 2
+}
+
+PAIR="${PAIR:-qwen3_8b_4b}"
+METHOD="${METHOD:-soft_or50}"
+
+case "$PAIR" in
+    qwen3_8b_4b)
+        # Paper: a GRPO-trained Qwen3-8B teacher; point TEACHER_PATH at yours to reproduce it exactly.
+        student_hf="Qwen/Qwen3-4B"; teacher_hf="Qwen/Qwen3-8B"
+        default_lr="1e-6"; default_tp=1 ;;
+    llama_70b_8b)
+        student_hf="meta-llama/Llama-3.1-8B-Instruct"; teacher_hf="meta-llama/Llama-3.3-70B-Instruct"
+        default_lr="3e-7"; default_tp=2 ;;
+    qwen25_14b_15b)
+        # Paper: "Qwen2.5-14B-Instruct-thinking", a reasoning-tuned 14B teacher; set TEACHER_PATH to yours.
+        student_hf="Qwen/Qwen2.5-1.5B-Instruct"; teacher_hf="Qwen/Qwen2.5-14B-Instruct"
+        default_lr="1e-6"; default_tp=1 ;;
+    *)
+        die "unknown PAIR='$PAIR'; expected one of: qwen3_8b_4b, llama_70b_8b, qwen25_14b_15b" ;;
+esac
+
+# METHOD -> +tip.* flags (TIPConfig fields). Ratios are the retention ratio rho of the paper.
+invert=false
+case "$METHOD" in
+    all)              tip_method=all;            tip_ratio="" ;;  # plain OPD on every token
+    entropy50)        tip_method=entropy;        tip_ratio=0.5 ;;
+    entropy20)        tip_method=entropy;        tip_ratio=0.2 ;;
+    entropy_sample50) tip_method=entropy_sample; tip_ratio=0.5 ;;
+    soft_or50)        tip_method=soft_or;        tip_ratio=0.5 ;;
+    soft_or20)        tip_method=soft_or;        tip_ratio=0.2 ;;
+    q3_20)            tip_method=q3;             tip_ratio=0.2 ;;
+    soft_or_bottom50) tip_method=soft_or;        tip_ratio=0.5; invert=true ;;
+    *)
+        die "unknown METHOD='$METHOD'; expected one of: all, entropy50, entropy20, entropy_sample50, soft_or50, soft_or20, q3_20, soft_or_bottom50" ;;
+esac
+
+MODEL_ROOT="${MODEL_ROOT:-$HOME/models}"
+STUDENT_PATH="${STUDENT_PATH:-$MODEL_ROOT/${student_hf##*/}}"
+TEACHER_PATH="${TEACHER_PATH:-$MODEL_ROOT/${teacher_hf##*/}}"
+[[ -n "${DATA_DIR:-}" ]] || die "DATA_DIR is not set: point it at the folder written by 'python -m tip_verl.tools.math_data --dapo ... --math500 ... --aime24 ... --aime25 ... --out DIR'"
+[[ -d "$STUDENT_PATH" ]] || die "STUDENT_PATH='$STUDENT_PATH' is not a folder; download the student first, e.g. 'huggingface-cli download $student_hf --local-dir $STUDENT_PATH', or set STUDENT_PATH"
+[[ -d "$TEACHER_PATH" ]] || die "TEACHER_PATH='$TEACHER_PATH' is not a folder; download the teacher first, e.g. 'huggingface-cli download $teacher_hf --local-dir $TEACHER_PATH', or set TEACHER_PATH"
+[[ -d "$DATA_DIR" ]] || die "DATA_DIR='$DATA_DIR' is not a folder"
+[[ -f "$DATA_DIR/train.parquet" ]] || die "DATA_DIR='$DATA_DIR' has no train.parquet; create it with 'python -m tip_verl.tools.math_data --dapo PATH --out $DATA_DIR'"
+val_files=()
+for name in math500 aime24 aime25; do
+    if [[ -f "$DATA_DIR/$name.parquet" ]]; then val_files+=("$DATA_DIR/$name.parquet"); fi
+done
+(( ${#val_files[@]} > 0 )) || die "DATA_DIR='$DATA_DIR' has none of math500.parquet, aime24.parquet, aime25.parquet (validation sets); add them with 'python -m tip_verl.tools.math_data --math500 PATH --aime24 PATH --aime25 PATH --out $DATA_DIR'"
+val_list="[$(IFS=,; echo "${val_files[*]}")]"
+
+NNODES="${NNODES:-1}"
+N_GPUS_PER_NODE="${N_GPUS_PER_NODE:-8}"
+ROLLOUT_TP="${ROLLOUT_TP:-$default_tp}"
+PROJECT="${PROJECT:-tip_opd}"
+EXPERIMENT="${EXPERIMENT:-${PAIR}_${METHOD}}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/$PROJECT/$EXPERIMENT}"
+for var in NNODES N_GPUS_PER_NODE ROLLOUT_TP; do
+    [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var='${!var}' must be a positive integer"
+done
+
+LR="${LR:-$default_lr}"
+TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-64}"               # prompts per step
+PPO_MINI_BATCH_SIZE="${PPO_MINI_BATCH_SIZE:-$TRAIN_BATCH_SIZE}"  # one optimizer step per batch: on-policy
+ROLLOUT_N="${ROLLOUT_N:-4}"                              # student rollouts per prompt
+MAX_PROMPT_LENGTH="${MAX_PROMPT_LENGTH:-1024}"
+MAX_RESPONSE_LENGTH="${MAX_RESPONSE_LENGTH:-8192}"
+TOTAL_EPOCHS="${TOTAL_EPOCHS:-1}"
+TOTAL_TRAINING_STEPS="${TOTAL_TRAINING_STEPS:-null}"     # null: epochs x batches per epoch
+WARMUP_RATIO="${WARMUP_RATIO:-0.0}"
+MIN_LR_RATIO="${MIN_LR_RATIO:-0.0}"
+WEIGHT_DECAY="${WEIGHT_DECAY:-0.01}"
+VAL_N="${VAL_N:-16}"                                     # validation: mean@16 at temperature 1.0
+TEST_FREQ="${TEST_FREQ:-20}"
+SAVE_FREQ="${SAVE_FREQ:-50}"
+GPU_MEMORY_UTILIZATION="${GPU_MEMORY_UTILIZATION:-0.6}"
+LOGGER="${LOGGER:-[console]}"                            # e.g. '[console,wandb]'
+SEED="${SEED:-0}"
+PYTHON="${PYTHON:-python3}"
+max_token_len=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))  # dynamic batch size budget per GPU
+
+tip_args=(
+    trainer.v1.trainer_mode=tip_sync
+    algorithm.adv_estimator=tip_opd
+    "+tip.teacher_path=$TEACHER_PATH"
+    "+tip.method=$tip_method"
+)
+if [[ -n "$tip_ratio" ]]; then tip_args+=("+tip.ratio=$tip_ratio"); fi
+tip_args+=(
+    "+tip.invert=$invert"
+    +tip.selection_scope=sequence
+    +tip.norm_scope=batch
+    +tip.divergence=k3
+    +tip.sampling_mode=without_replacement
+    +tip.importance_weighting=false
+    "+tip.seed=$SEED"
+    +tip.advantage_estimator=k1
+)
+
+cmd=(
+    "$PYTHON" -m verl.trainer.main_ppo
+    "${tip_args[@]}"
+    # OPD: the KL to the teacher is the whole signal (no KL loss, entropy bonus or KL-in-reward).
+    actor_rollout_ref.actor.use_kl_loss=False
+    actor_rollout_ref.actor.entropy_coeff=0
+    algorithm.use_kl_in_reward=False
+    actor_rollout_ref.actor.loss_agg_mode=token-mean
+    actor_rollout_ref.actor.ppo_epochs=1
+    # data (reward: verl's default math scorer picked by data_source, logged as accuracy only)
+    "data.train_files=$DATA_DIR/train.parquet"
+    "data.val_files=$val_list"
+    data.prompt_key=prompt
+    "data.train_batch_size=$TRAIN_BATCH_SIZE"
+    "data.max_prompt_length=$MAX_PROMPT_LENGTH"
+    "data.max_response_length=$MAX_RESPONSE_LENGTH"
+    data.filter_overlong_prompts=True
+    data.truncation=error
+    data.shuffle=True
+    "data.seed=$SEED"
+    # student model
+    "actor_rollout_ref.model.path=$STUDENT_PATH"
+    actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.model.enable_gradient_checkpointing=True
+    # actor: FSDP2, AdamW + cosine schedule, dynamic batch size
+    actor_rollout_ref.actor.strategy=fsdp2
+    actor_rollout_ref.actor.optim.optimizer=AdamW
+    "actor_rollout_ref.actor.optim.lr=$LR"
+    actor_rollout_ref.actor.optim.lr_scheduler_type=cosine
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=$WARMUP_RATIO"
+    "actor_rollout_ref.actor.optim.min_lr_ratio=$MIN_LR_RATIO"
+    "actor_rollout_ref.actor.optim.weight_decay=$WEIGHT_DECAY"
+    actor_rollout_ref.actor.optim.clip_grad=1.0
+    "actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_SIZE"
+    actor_rollout_ref.actor.use_dynamic_bsz=True
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$max_token_len"
+    actor_rollout_ref.actor.fsdp_config.param_offload=False
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=False
+    # teacher (verl's ref model, loaded from +tip.teacher_path): FSDP2 like the actor, params offloaded
+    actor_rollout_ref.ref.fsdp_config.param_offload=True
+    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=$max_token_len"
+    # rollout: vLLM, temperature 1.0
+    actor_rollout_ref.rollout.name=vllm
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=$ROLLOUT_TP"
+    "actor_rollout_ref.rollout.gpu_memory_utilization=$GPU_MEMORY_UTILIZATION"
+    "actor_rollout_ref.rollout.n=$ROLLOUT_N"
+    actor_rollout_ref.rollout.temperature=1.0
+    actor_rollout_ref.rollout.top_p=1.0
+    actor_rollout_ref.rollout.top_k=-1
+    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=$max_token_len"
+    # validation: mean@VAL_N at temperature 1.0 (paper: mean@16)
+    "actor_rollout_ref.rollout.val_kwargs.n=$VAL_N"
+    actor_rollout_ref.rollout.val_kwargs.temperature=1.0
+    actor_rollout_ref.rollout.val_kwargs.top_p=1.0
+    actor_rollout_ref.rollout.val_kwargs.do_sample=True
+    # trainer
+    "trainer.logger=$LOGGER"
+    "trainer.project_name=$PROJECT"
+    "trainer.experiment_name=$EXPERIMENT"
+    "trainer.nnodes=$NNODES"
+    "trainer.n_gpus_per_node=$N_GPUS_PER_NODE"
+    "trainer.total_epochs=$TOTAL_EPOCHS"
+    "trainer.total_training_steps=$TOTAL_TRAINING_STEPS"
+    "trainer.test_freq=$TEST_FREQ"
+    "trainer.save_freq=$SAVE_FREQ"
+    trainer.val_before_train=True
+    "trainer.default_local_dir=$OUTPUT_DIR/checkpoints"
+    "trainer.validation_data_dir=$OUTPUT_DIR/validation"
+    "$@"
+)
+
+if [[ "${DRY_RUN:-0}" != "0" ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+
+"$PYTHON" -c "import tip_verl.verl_adapter, verl" 2>/dev/null \
+    || die "'$PYTHON' cannot import tip_verl and verl; install them first (pip install -e '.[gpu]') or set PYTHON"
+mkdir -p "$OUTPUT_DIR"
+echo "run_opd_tip.sh: PAIR=$PAIR METHOD=$METHOD student=$STUDENT_PATH teacher=$TEACHER_PATH -> $OUTPUT_DIR" >&2
+exec "${cmd[@]}"

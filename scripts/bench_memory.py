@@ -1,0 +1,494 @@
+#!/usr/bin/env python
+"""Peak memory and time of verl's actor update step: verl's full logits vs tip_verl's sparse LM head.
+
+Every configuration runs in a fresh subprocess: verl's ``ActorRolloutRefWorker`` (role ``actor``,
+FSDP2, one rank, no Ray) is built on a random-weight Qwen2 model, one warm-up ``update_actor`` step
+runs (so the optimizer state exists), then one or more measured steps. ``update_actor`` is the call
+verl's trainer makes: ``train_mini_batch`` -> ``train_batch`` -> engine ``forward_backward_batch``
++ optimizer step, with verl's ``ppo_loss``.
+
+* ``baseline``: verl's own ``TrainingWorker`` (logits for every packed token); the keep-mask is
+  applied only through ``response_mask`` / ``loss_mask`` in the loss.
+* ``tip``: ``actor_worker_cls = SparseLMHeadTrainingWorker``; same keep-mask; the LM head runs only at
+  kept tokens.
+
+Keep-masks: ``round(ratio * response_len)`` tokens per sequence drawn at random (seeded), written into
+``response_mask`` and ``loss_mask`` as the TIP trainer does. Tokens and weights are random.
+
+Memory: CPU -- peak resident memory during the step minus resident memory right before it (peak from
+``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``, cross-checked by a
+1 ms RSS sampler thread; glibc is told to return freed memory, see ``--no-malloc-tuning``). CUDA --
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the allocation before.
+
+Default: hidden 512, 4 layers, vocab 151,936, float32, 4 x (128 prompt + 1024 response), one micro-batch
+of all 4 sequences. A Qwen2.5-1.5B-like run on a GPU::
+
+    python scripts/bench_memory.py --device cuda --dtype bfloat16 --hidden 1536 --layers 28 --heads 12 \\
+        --kv-heads 2 --intermediate 8960 --tied --attn flash_attention_2 --out bench_results/gpu_1p5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model and FSDP2 compute (param) dtype")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 2 x hidden)")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--tied", action="store_true", help="tie lm_head to the embeddings (Qwen2.5 <= 3B do)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--response-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4, help="sequences; all of them form one micro-batch")
+    p.add_argument("--ratios", default="1.0,0.5,0.2,0.1", help="TIP keep ratios")
+    p.add_argument("--baseline-ratio", type=float, default=None,
+                   help="keep ratio of the baseline's loss mask (default: the smallest ratio); its memory "
+                        "and time do not depend on it")
+    p.add_argument("--baseline-per-ratio", action="store_true",
+                   help="run the baseline once per ratio (with that ratio's mask) instead of once")
+    p.add_argument("--no-remove-padding", action="store_true", help="padded (bsz, seq) forward instead of packed")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per configuration (after 1 warm-up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_results")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default malloc thresholds (freed memory may stay resident)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    # internal: one configuration in this process
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["baseline", "tip"], help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# model + data
+# ---------------------------------------------------------------------------------------------
+def build_model(path: Path, args) -> Path:
+    """Random-weight Qwen2ForCausalLM + a small word-level tokenizer (ids beyond it are still valid)."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(min(args.vocab, 1000) - len(specials) - 1)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                     unk_token="<unk>", bos_token=None, additional_special_tokens=["<|im_start|>"])
+    hf_tok.save_pretrained(path)
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(4096, args.prompt_len + args.response_len), tie_word_embeddings=args.tied,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, torch_dtype=args.dtype,
+    )
+    with torch.device("cpu"):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def keep_mask(args, ratio: float):
+    """(batch, response_len) long mask: round(ratio * response_len) random tokens per sequence."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    n_keep = max(1, round(ratio * args.response_len))
+    mask = torch.zeros(args.batch, args.response_len, dtype=torch.long)
+    for i in range(args.batch):
+        mask[i, torch.randperm(args.response_len, generator=g)[:n_keep]] = 1
+    return mask
+
+
+def update_batch(args, keep):
+    """verl's V1-trainer layout (nested per-sample fields) for ``update_actor``."""
+    import torch
+    from tensordict import TensorDict
+
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(args.seed)
+    B, P, R = args.batch, args.prompt_len, args.response_len
+    prompts = torch.randint(3, args.vocab, (B, P), generator=g)
+    responses = torch.randint(3, args.vocab, (B, R), generator=g)
+    input_ids = torch.cat([prompts, responses], dim=1)
+    position_ids = torch.arange(P + R).expand(B, -1)
+    old_log_probs = -torch.rand(B, R, generator=g) * 5
+    advantages = torch.randn(B, R, generator=g) * keep
+
+    def jag(t):
+        return torch.nested.as_nested_tensor(list(t), layout=torch.jagged)
+
+    td = TensorDict(
+        {
+            "prompts": jag(prompts), "responses": jag(responses), "input_ids": jag(input_ids),
+            "position_ids": jag(position_ids), "response_mask": jag(keep), "loss_mask": jag(keep),
+            "old_log_probs": jag(old_log_probs), "advantages": jag(advantages),
+        },
+        batch_size=B,
+    )
+    tu.assign_non_tensor(
+        td, temperature=1.0, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
+        global_batch_size=B, mini_batch_size=B, epochs=1, seed=args.seed, dataloader_kwargs={"shuffle": False},
+        compute_loss=True, multi_turn=False,
+    )
+    return td
+
+
+def actor_config(args, model_dir: str):
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    mp = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    B, L = args.batch, args.prompt_len + args.response_len
+    overrides = [
+        f"actor_rollout_ref.model.path={model_dir}",
+        f"actor_rollout_ref.model.use_remove_padding={not args.no_remove_padding}",
+        f"actor_rollout_ref.model.enable_gradient_checkpointing={args.gradient_checkpointing}",
+        f"+actor_rollout_ref.model.override_config.attn_implementation={args.attn}",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
+        f"actor_rollout_ref.actor.fsdp_config.model_dtype={args.dtype}",
+        f"+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype={mp}",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+        "actor_rollout_ref.actor.use_torch_compile=False",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={B}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={B}",
+        f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={B * L}",
+        "actor_rollout_ref.actor.use_dynamic_bsz=False",
+        "actor_rollout_ref.actor.use_kl_loss=False",
+        "actor_rollout_ref.actor.entropy_coeff=0",
+        "actor_rollout_ref.actor.optim.lr=1e-6",
+        "actor_rollout_ref.rollout.n=1",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={B}",
+        f"actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu={B * L}",
+        f"trainer.device={args.device}",
+        "trainer.n_gpus_per_node=1",
+    ]
+    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer/config")
+    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides).actor_rollout_ref
+
+
+# ---------------------------------------------------------------------------------------------
+# memory probes
+# ---------------------------------------------------------------------------------------------
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+class RSSSampler:
+    """Peak RSS seen by a background thread polling /proc/self/statm every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# one configuration (child process)
+# ---------------------------------------------------------------------------------------------
+def run_worker(args) -> dict:
+    port = _free_port()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.device == "cpu":
+        os.environ["VERL_PLATFORM"] = "cpu"
+        from tip_verl.verl_adapter.cpu import register
+
+        register()
+
+    import torch
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from tip_verl.verl_adapter.sparse_lm_head import SparseLMHeadTrainingWorker
+
+    class TipActor(ActorRolloutRefWorker):
+        actor_worker_cls = SparseLMHeadTrainingWorker
+
+    worker_cls = TipActor if args.mode == "tip" else ActorRolloutRefWorker
+    worker = worker_cls(config=actor_config(args, args.model_dir), role="actor")
+    worker.init_model()
+    engine_cls = type(worker.actor.engine).__name__
+    keep = keep_mask(args, args.ratio)
+
+    def step():
+        out = worker.update_actor(update_batch(args, keep))
+        return tu.get(out, "metrics")
+
+    metrics = step()  # warm-up: optimizer state exists from here on
+    cuda = args.device == "cuda"
+    records = []
+    for _ in range(args.steps):
+        td = update_batch(args, keep)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            malloc_trim()
+            before = rss_bytes()
+            hwm_ok = reset_hwm()
+        with RSSSampler() as sampler:
+            t0 = time.perf_counter()
+            out = worker.update_actor(td)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        metrics = tu.get(out, "metrics")
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - before
+            sampled = None
+        else:
+            hwm = hwm_bytes() if hwm_ok else 0
+            peak = max(hwm, sampler.peak) - before
+            sampled = sampler.peak - before
+        records.append({"peak_bytes": peak, "sampled_peak_bytes": sampled, "seconds": seconds,
+                        "before_bytes": before})
+    pg_loss = metrics.get("actor/pg_loss")
+    return {
+        "mode": args.mode, "ratio": args.ratio, "engine": engine_cls,
+        "kept_tokens": int(keep.sum()), "response_tokens": args.batch * args.response_len,
+        "total_tokens": args.batch * (args.prompt_len + args.response_len),
+        "peak_bytes": max(r["peak_bytes"] for r in records),
+        "seconds": statistics.median(r["seconds"] for r in records),
+        "steps": records,
+        "pg_loss": float(pg_loss[0] if isinstance(pg_loss, list) else pg_loss) if pg_loss is not None else None,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--ratio", str(ratio),
+           "--model-dir", str(model_dir), "--result", str(result)]
+    for name in ("device", "dtype", "hidden", "layers", "heads", "kv_heads", "vocab", "prompt_len",
+                 "response_len", "batch", "attn", "steps", "seed"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.intermediate:
+        cmd += ["--intermediate", str(args.intermediate)]
+    for flag in ("tied", "no_remove_padding", "gradient_checkpointing"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
+    return cmd
+
+
+def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> dict:
+    result = work / f"{mode}_{ratio}.json"
+    env = dict(os.environ)
+    if args.device == "cpu" and not args.no_malloc_tuning:
+        # Large and medium tensors are mmapped and unmapped on free, so RSS follows live tensors.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    t0 = time.time()
+    proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env, capture_output=True, text=True,
+                          timeout=args.timeout)
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"{mode} ratio={ratio} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    rec = json.loads(result.read_text())
+    rec["wall_seconds"] = time.time() - t0
+    print(f"  {mode:8s} ratio={ratio:<4} peak={rec['peak_bytes'] / 2**30:7.3f} GiB  step={rec['seconds']:7.2f} s  "
+          f"({rec['engine']}, {rec['wall_seconds']:.0f} s wall)", flush=True)
+    return rec
+
+
+def write_reports(args, rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["config", "keep_ratio", "kept_tokens", "peak_mem_gib", "peak_mem_ratio", "target_mem_ratio",
+              "step_s", "step_time_ratio", "baseline_peak_mem_gib", "baseline_step_s", "engine"]
+    with open(out / "bench_memory.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in fields})
+
+    setup = (f"{args.device}, {args.dtype}, Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
+             f"{', tied' if args.tied else ''}, {args.batch} x ({args.prompt_len} prompt + {args.response_len} response)"
+             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, attn {args.attn}")
+    lines = [
+        "# Actor update step: verl full logits vs tip_verl sparse LM head", "", setup, "",
+        "| config | keep ratio | kept tokens | peak mem (GiB) | mem / baseline | target | step (s) | time / baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = f"<= {r['target_mem_ratio']:.2f}" if r["target_mem_ratio"] is not None else ""
+        lines.append(
+            f"| {r['config']} | {r['keep_ratio']:.2f} | {r['kept_tokens']} | {r['peak_mem_gib']:.3f} | "
+            f"{r['peak_mem_ratio']:.3f} | {target} | {r['step_s']:.2f} | {r['step_time_ratio']:.3f} |"
+        )
+    lines += ["", "Peak memory: " + (
+        "peak RSS during `update_actor` minus RSS right before it (VmHWM reset via /proc/self/clear_refs, "
+        "1 ms sampler cross-check)." if args.device == "cpu" else
+        "`torch.cuda.max_memory_allocated()` during `update_actor` minus the allocation before it."),
+        "Ratios are to the baseline (verl's own path, keep-mask only in the loss) of the same run.", ""]
+    (out / "bench_memory.md").write_text("\n".join(lines))
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [f"{r['config']}\n{r['keep_ratio']:.1f}" for r in rows]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, title in ((axes[0], "peak_mem_ratio", "peak memory / baseline"),
+                               (axes[1], "step_time_ratio", "step time / baseline")):
+            colors = ["#888888" if r["config"] == "baseline" else "#1f77b4" for r in rows]
+            bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+            for b, r in zip(bars, rows):
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r[key]:.2f}", ha="center", va="bottom",
+                        fontsize=8)
+            if key == "peak_mem_ratio":
+                for i, r in enumerate(rows):
+                    if r["target_mem_ratio"] is not None:
+                        ax.plot([i - 0.4, i + 0.4], [r["target_mem_ratio"]] * 2, color="red", lw=1)
+            ax.set_xticks(range(len(rows)), labels, fontsize=8)
+            ax.set_title(title)
+            ax.set_ylim(0, max(1.1, max(r[key] for r in rows) * 1.15))
+        fig.suptitle(setup, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "bench_memory.png", dpi=120)
+        plt.close(fig)
+    except ImportError:
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        rec = run_worker(args)
+        Path(args.result).write_text(json.dumps(rec))
+        return 0
+
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    baseline_ratio = args.baseline_ratio if args.baseline_ratio is not None else min(ratios)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
+        work = Path(tmp)
+        t0 = time.time()
+        model_dir = build_model(work / "model", args)
+        print(f"model built in {time.time() - t0:.0f} s: {model_dir}", flush=True)
+        baselines = {}
+        for r in (ratios if args.baseline_per_ratio else [baseline_ratio]):
+            baselines[r] = run_config(args, "baseline", r, model_dir, work)
+        tips = {r: run_config(args, "tip", r, model_dir, work) for r in ratios}
+
+    raw = {"args": vars(args), "baseline": {str(k): v for k, v in baselines.items()},
+           "tip": {str(k): v for k, v in tips.items()}}
+    (out / "bench_memory_raw.json").write_text(json.dumps(raw, indent=1))
+
+    def row(config, ratio, rec, base):
+        return {
+            "config": config, "keep_ratio": ratio, "kept_tokens": rec["kept_tokens"],
+            "peak_mem_gib": rec["peak_bytes"] / 2**30, "peak_mem_ratio": rec["peak_bytes"] / base["peak_bytes"],
+            "target_mem_ratio": None if config == "baseline" else ratio + 0.1,
+            "step_s": rec["seconds"], "step_time_ratio": rec["seconds"] / base["seconds"],
+            "baseline_peak_mem_gib": base["peak_bytes"] / 2**30, "baseline_step_s": base["seconds"],
+            "engine": rec["engine"],
+        }
+
+    rows = []
+    for r, rec in baselines.items():
+        rows.append(row("baseline", r, rec, rec))
+    for r, rec in tips.items():
+        base = baselines.get(r, baselines[next(iter(baselines))])
+        rows.append(row("tip_verl", r, rec, base))
+    write_reports(args, rows, out)
+    print((out / "bench_memory.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project-local virtual environment .venv with everything tip_verl needs on a
+# CPU machine: torch 2.13.0 (CPU build), verl 0.9.1 + the extras its V1 trainer needs, test tools.
+# Idempotent: re-runs only when setup.py changed. Usage: source-free, `bash scripts/setup_env.sh`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+stamp="$venv/.tip_verl_setup_stamp"
+want="$(sha256sum "$root/setup.py" | cut -c1-16)"
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] creating $venv ..." >&2
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+# torch first and pinned, so no resolver step can pull a multi-GB CUDA build.
+"$venv/bin/python" -m pip install -q "torch==2.13.0"
+"$venv/bin/python" -m pip install -q -e "$root[cpu,test]"
+echo "$want" > "$stamp"
+echo "[setup] done: $("$venv/bin/python" -c 'import torch, verl, transformers; print("torch", torch.__version__, "verl", verl.__version__, "transformers", transformers.__version__)')" >&2

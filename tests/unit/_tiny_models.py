@@ -1,0 +1,246 @@
+"""Builders for tests that run verl's real engine on tiny random Hugging Face models on the CPU.
+
+Single process, no Ray: the environment of a one-rank job (RANK/WORLD_SIZE/MASTER_*), the CPU
+platform of tip_verl, verl's hydra config for ``actor_rollout_ref``, and update batches in the
+no-padding (nested) layout verl's V1 trainer sends to ``update_actor``, or in the left/right padded
+layout converted by verl's ``left_right_2_no_padding``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional, Sequence
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_env(port: Optional[int] = None) -> dict[str, str]:
+    """Environment of a one-rank torch.distributed job on the CPU platform (set it before importing verl)."""
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port or free_port()),
+        "VERL_PLATFORM": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def setup_cpu_verl(port: Optional[int] = None) -> None:
+    """Prepare this process for verl engines on the CPU: environment, then tip_verl's CPU platform.
+
+    Call it before anything imports verl: verl resolves its platform once per process.
+    """
+    os.environ.update(single_process_env(port))
+    from tip_verl.verl_adapter.cpu import register
+
+    if not register():
+        raise RuntimeError("tip_verl's CPU platform did not register (VERL_PLATFORM=cpu is set)")
+
+
+def build_tiny_qwen2(
+    path,
+    *,
+    vocab_size: int = 256,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: Optional[int] = None,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    tokenizer_size: Optional[int] = None,
+) -> str:
+    """Save a random-weight Qwen2ForCausalLM (float32) and a word-level tokenizer under ``path``."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    n_tok = min(tokenizer_size or vocab_size, vocab_size)
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "\n"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(n_tok - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_tokens([AddedToken("\n", normalized=False)])  # verl's Qwen ChatML handling needs "\n" == one token
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>", bos_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf_tok.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    hf_tok.save_pretrained(path)
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def actor_config(model_path: str, overrides: Sequence[str] = ()):
+    """verl's ``actor_rollout_ref`` config (hydra, ``ppo_trainer``) for a float32 FSDP2 actor on the CPU."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer/config")
+    base = [
+        f"actor_rollout_ref.model.path={model_path}",
+        "actor_rollout_ref.model.use_remove_padding=True",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
+        "actor_rollout_ref.actor.fsdp_config.model_dtype=float32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+        "actor_rollout_ref.actor.use_torch_compile=False",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=64",
+        "actor_rollout_ref.actor.use_kl_loss=True",
+        "actor_rollout_ref.actor.kl_loss_coef=0.1",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "actor_rollout_ref.rollout.n=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=64",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+        "trainer.device=cpu",
+        "trainer.n_gpus_per_node=1",
+    ]
+    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=base + list(overrides))
+    return cfg.actor_rollout_ref
+
+
+def random_rollout(
+    *,
+    batch_size: int,
+    vocab_size: int,
+    prompt_lens: Sequence[int],
+    response_lens: Sequence[int],
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts + right-padded responses with random tokens (verl's padded rollout layout)."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = max(prompt_lens), max(response_lens)
+    prompts = torch.zeros(batch_size, P, dtype=torch.long)
+    responses = torch.zeros(batch_size, R, dtype=torch.long)
+    prompt_mask = torch.zeros(batch_size, P, dtype=torch.long)
+    response_mask = torch.zeros(batch_size, R, dtype=torch.long)
+    for i in range(batch_size):
+        p, r = prompt_lens[i], response_lens[i]
+        prompts[i, P - p :] = torch.randint(3, vocab_size, (p,), generator=g)
+        prompt_mask[i, P - p :] = 1
+        responses[i, :r] = torch.randint(3, vocab_size, (r,), generator=g)
+        response_mask[i, :r] = 1
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    position_ids = torch.clamp(torch.cumsum(attention_mask, dim=1) - 1, min=0)
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_mask": response_mask,
+    }
+
+
+def update_batch(
+    rollout: dict[str, torch.Tensor],
+    keep_mask: torch.Tensor,
+    *,
+    layout: str = "nested",
+    seed: int = 0,
+    temperature: float = 1.0,
+    calculate_entropy: bool = False,
+    **meta,
+):
+    """The TensorDict verl's actor ``train_mini_batch`` / ``train_batch`` receives.
+
+    ``keep_mask`` (bsz, response_len) is written into both ``response_mask`` and ``loss_mask`` as the
+    TIP trainer does. ``layout="nested"`` mirrors verl's V1 trainer (every per-sample field jagged);
+    ``layout="padded"`` converts verl's padded rollout with ``left_right_2_no_padding``.
+    """
+    from tensordict import TensorDict
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    g = torch.Generator().manual_seed(seed + 1)
+    response_mask = rollout["response_mask"]
+    keep = (keep_mask.bool() & response_mask.bool()).long()
+    bsz, R = response_mask.shape
+    old_log_probs = -torch.rand(bsz, R, generator=g) * 3 * response_mask
+    ref_log_prob = -torch.rand(bsz, R, generator=g) * 3 * response_mask
+    advantages = torch.randn(bsz, R, generator=g) * keep
+
+    if layout == "padded":
+        td = TensorDict(
+            {**rollout, "response_mask": keep, "old_log_probs": old_log_probs, "ref_log_prob": ref_log_prob,
+             "advantages": advantages},
+            batch_size=bsz,
+        )
+        td = left_right_2_no_padding(td)
+    elif layout == "nested":
+        attention_mask = rollout["attention_mask"].bool()
+        P = rollout["prompts"].shape[1]
+        prompt_valid, resp_valid = attention_mask[:, :P], attention_mask[:, P:]
+
+        def jag(rows):
+            return torch.nested.as_nested_tensor(list(rows), layout=torch.jagged)
+
+        fields = {
+            "prompts": jag(rollout["prompts"][i][prompt_valid[i]] for i in range(bsz)),
+            "responses": jag(rollout["responses"][i][resp_valid[i]] for i in range(bsz)),
+            "input_ids": jag(rollout["input_ids"][i][attention_mask[i]] for i in range(bsz)),
+            "position_ids": jag(rollout["position_ids"][i][attention_mask[i]] for i in range(bsz)),
+        }
+        for name, t in (("response_mask", keep), ("loss_mask", keep), ("old_log_probs", old_log_probs),
+                        ("ref_log_prob", ref_log_prob), ("advantages", advantages)):
+            fields[name] = jag(t[i][resp_valid[i]] for i in range(bsz))
+        td = TensorDict(fields, batch_size=bsz)
+    else:
+        raise ValueError(layout)
+    tu.assign_non_tensor(
+        td,
+        temperature=temperature,
+        calculate_entropy=calculate_entropy,
+        distillation_use_topk=False,
+        distillation_only=False,
+        global_batch_size=bsz,
+        mini_batch_size=bsz,
+        epochs=1,
+        seed=seed,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+        multi_turn=False,
+        **meta,
+    )
+    return td

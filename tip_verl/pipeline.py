@@ -1,0 +1,134 @@
+"""One-call TIP selection for a training batch (what the verl adapter calls on the driver each step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._checks import as_mask, prepare, push_masked, require_tensor, row_counts
+from .config import TIPConfig
+from .scoring import token_scores
+from .selection import sample_tokens, select_tokens
+from .signals import normalized_entropy, sampled_token_divergence, topk_divergences
+from .taxonomy import classify_quadrants, quadrant_stats
+
+__all__ = ["TIPSelection", "select_for_batch"]
+
+
+@dataclass
+class TIPSelection:
+    """Output of :func:`select_for_batch` (all tensors ``[B, T]``, on the inputs' device)."""
+
+    keep_mask: torch.Tensor  #: bool, subset of response_mask
+    loss_weights: torch.Tensor | None  #: float32 1/π at kept positions (0 elsewhere) for poisson+IS, else None
+    entropy: torch.Tensor  #: normalised h (Eq. 2), 0 at masked positions
+    divergence: torch.Tensor  #: δ used for scoring/taxonomy (Eq. 3)
+    forward_divergence: torch.Tensor | None  #: forward-KL signal (top-k or sampled "forward")
+    scores: torch.Tensor  #: the selection score (soft_or for method all; h for entropy_sample)
+    quadrants: torch.Tensor  #: int64 codes 1..4, 0 masked (Table 1)
+    metrics: dict[str, float] = field(default_factory=dict)  #: keys prefixed "tip/"
+
+
+def _masked_mean(x: torch.Tensor, fm: torch.Tensor, n: int) -> float:
+    """Mean of a finite ``x`` over the positions where the 0/1 float mask ``fm`` is 1 (n of them)."""
+    return float((x * fm).sum(dtype=torch.float64)) / n if n else 0.0
+
+
+def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_size: int,
+                     student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                     response_mask: torch.Tensor, teacher_topk_logprobs: torch.Tensor | None = None,
+                     teacher_topk_ids: torch.Tensor | None = None,
+                     student_topk_logprobs: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> TIPSelection:
+    """Score and select the tokens to train on for one batch (Sections 4, 6, 7.3; App. A.2).
+
+    Signals: h = ``entropy_nats / log(vocab_size)`` (Eq. 2). With teacher top-k log-probs (and the
+    student's log-probs at those ids), δ = top-k reverse KL and forward = top-k forward KL;
+    otherwise δ = the sampled-token estimator ``config.divergence`` and forward = the sampled
+    ``"forward"`` estimate. Methods: ``all`` keeps ``response_mask``; ``entropy | divergence |
+    soft_or | q3 | random`` score (Eq. 5 / §7.3) and keep the top ρ (Eq. 6); ``entropy_sample``
+    samples ∝ h (App. B.3), with ``loss_weights = 1/π`` when poisson + importance_weighting.
+
+    ``generator`` None means a fresh ``torch.Generator`` seeded with ``config.seed`` (identical draws
+    every call): pass a persistent generator to get new randomness each step.
+    """
+    if not isinstance(config, TIPConfig):
+        raise TypeError(f"config must be a TIPConfig, got {type(config).__name__}")
+    require_tensor("entropy_nats", entropy_nats)
+    mask = as_mask(response_mask, student_logprobs, "student_logprobs", ndim=2)
+    as_mask(mask, entropy_nats, "entropy_nats")
+    as_mask(mask, teacher_logprobs, "teacher_logprobs")
+    device = mask.device
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+
+    fm = mask.to(torch.float32)
+    h = normalized_entropy(prepare("entropy_nats", entropy_nats, mask), vocab_size).mul_(fm)
+    sampled_delta = sampled_token_divergence(student_logprobs, teacher_logprobs, mask, config.divergence)
+    have_topk = teacher_topk_logprobs is not None or student_topk_logprobs is not None
+    if have_topk:
+        if teacher_topk_logprobs is None or student_topk_logprobs is None:
+            raise ValueError("teacher_topk_logprobs and student_topk_logprobs must be given together")
+        delta, forward = topk_divergences(teacher_topk_logprobs, teacher_topk_ids, student_topk_logprobs, mask)
+    else:
+        if teacher_topk_ids is not None:
+            raise ValueError("teacher_topk_ids given without teacher_topk_logprobs/student_topk_logprobs")
+        delta = sampled_delta
+        forward = sampled_token_divergence(student_logprobs, teacher_logprobs, mask, "forward")
+
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed)
+
+    method = config.method
+    loss_weights = None
+    if method == "entropy_sample":
+        sampled = sample_tokens(h, mask, config.ratio, generator=generator, mode=config.sampling_mode,
+                                scope=config.selection_scope)
+        keep = sampled.keep_mask
+        scores = h
+        if config.importance_weighting:
+            pi = sampled.inclusion_prob
+            assert pi is not None  # poisson mode (enforced by TIPConfig)
+            # π > 0 wherever a token was kept (u < π with u >= 0)
+            loss_weights = torch.where(keep, pi.clamp_min(torch.finfo(torch.float32).tiny).reciprocal(), zero)
+    elif method == "all":
+        scores = token_scores("soft_or", entropy=h, divergence=delta, response_mask=mask,
+                              scope=config.norm_scope)
+        keep = mask.clone()
+    else:
+        scores = token_scores(method, entropy=h, divergence=delta, response_mask=mask,
+                              forward_divergence=forward, scope=config.norm_scope, generator=generator)
+        keep = select_tokens(scores, mask, config.ratio, scope=config.selection_scope, invert=config.invert)
+
+    quadrants = classify_quadrants(h, delta, mask, entropy_threshold=config.entropy_threshold,
+                                   divergence_threshold=config.divergence_threshold,
+                                   threshold_mode=config.threshold_mode)
+
+    valid_count = int(row_counts(mask.reshape(1, -1)))
+    kept_count = int(row_counts(keep.reshape(1, -1)))
+    fk = keep.to(torch.float32)
+    if kept_count:
+        # min (max for invert) kept score: non-kept entries are pushed out of the reduction
+        direction = -1.0 if config.invert else 1.0
+        pushed = push_masked(scores, keep, 1.0 - fk, direction)
+        score_threshold = float(pushed.amax() if config.invert else pushed.amin())
+    else:
+        score_threshold = 0.0
+    metrics: dict[str, float] = {
+        "tip/kept_fraction": kept_count / valid_count if valid_count else 0.0,
+        "tip/kept_count": float(kept_count),
+        "tip/valid_count": float(valid_count),
+        "tip/entropy_mean": _masked_mean(h, fm, valid_count),
+        "tip/divergence_mean": _masked_mean(delta, fm, valid_count),
+        "tip/kept_entropy_mean": _masked_mean(h, fk, kept_count),
+        "tip/kept_divergence_mean": _masked_mean(delta, fk, kept_count),
+        "tip/score_threshold": score_threshold,
+    }
+    if loss_weights is not None:
+        metrics["tip/loss_weight_mean"] = _masked_mean(loss_weights, fk, kept_count)
+        metrics["tip/loss_weight_max"] = float(loss_weights.max()) if kept_count else 0.0
+    for key, value in quadrant_stats(quadrants, delta, mask, keep).items():
+        metrics[f"tip/{key}"] = value
+    return TIPSelection(keep_mask=keep, loss_weights=loss_weights, entropy=h, divergence=delta,
+                        forward_divergence=forward, scores=scores, quadrants=quadrants, metrics=metrics)

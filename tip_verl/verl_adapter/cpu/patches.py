@@ -1,0 +1,215 @@
+"""The few monkey-patches the CPU platform needs in verl 0.9.1, each small, named and reversible.
+
+They are applied by :func:`tip_verl.verl_adapter.cpu.register` **only** when the CPU platform is
+selected (``VERL_PLATFORM=cpu``); a GPU job with tip_verl installed never reaches this module.
+Each entry names the verl line it works around (paths relative to the ``verl`` package, 0.9.1).
+
+================================  ==============================================================
+patch                              why
+================================  ==============================================================
+``gloo_process_group``             ``utils/distributed.py:89`` builds the backend string
+                                   ``f"cpu:gloo,{device}:{backend}"``; with device ``cpu`` that is
+                                   ``"cpu:gloo,cpu:gloo"``, which torch rejects ("Duplicate device
+                                   type cpu"). The wrapper passes ``backend="cpu:gloo"`` when the
+                                   caller gave none.
+``fsdp2_offload_without_pinning``  ``workers/engine/fsdp/transformer_impl.py:462`` creates
+                                   ``CPUOffloadPolicy(pin_memory=True)`` for forward-only engines
+                                   (the reference model); pinning host memory needs an accelerator
+                                   ("Cannot access accelerator device when none is available").
+                                   The module-level name is rebound to a factory that asks for
+                                   ``pin_memory=False``. (No global ``Tensor.pin_memory`` change.)
+``resource_check_platform_aware``  ``single_controller/ray/base.py:226-242``
+                                   (``ResourcePoolManager._check_resource_available``) counts only
+                                   Ray's ``GPU``/``NPU`` resources and ignores the platform's own
+                                   ``ray_resource_name()``; it is replaced by the same check on the
+                                   platform's resource (``verl_cpu_slot``).
+``teacher_topk_for_hf_rollout``    ``workers/config/distillation.py:188-214``
+                                   (``DistillationTeacherModelConfig._validate_topk_logprobs``)
+                                   raises ``NotImplementedError`` for any teacher inference engine
+                                   but vllm/sglang when top-k distillation is on; the ``hf`` server
+                                   answers ``prompt_logprobs=k`` per request (no engine-boot cap,
+                                   like SGLang), so ``hf`` only needs ``topk`` to be set.
+================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Patch:
+    """One attribute replacement ``module.attr = factory(original)`` (``attr`` may be dotted)."""
+
+    name: str
+    module: str
+    attr: str
+    verl_ref: str
+    reason: str
+    factory: Callable[[Any], Any]
+    # modules that imported the attribute by name (``from m import f``) and must see the new one
+    rebind_importers: bool = False
+    original: Any = field(default=None, repr=False)
+    replacement: Any = field(default=None, repr=False)
+    rebound: list = field(default_factory=list, repr=False)
+
+    def _owner_and_leaf(self):
+        owner = importlib.import_module(self.module)
+        *path, leaf = self.attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, leaf
+
+    @property
+    def applied(self) -> bool:
+        return self.replacement is not None
+
+    def apply(self) -> None:
+        if self.applied:
+            return
+        owner, leaf = self._owner_and_leaf()
+        original = getattr(owner, leaf)
+        replacement = self.factory(original)
+        replacement.__tip_verl_patch__ = self.name
+        setattr(owner, leaf, replacement)
+        self.original, self.replacement = original, replacement
+        if self.rebind_importers:
+            for mod_name, mod in list(sys.modules.items()):
+                if mod is None or not mod_name.startswith("verl.") or mod_name == self.module:
+                    continue
+                if getattr(mod, leaf, None) is original:
+                    setattr(mod, leaf, replacement)
+                    self.rebound.append(mod_name)
+        logger.debug("tip_verl cpu patch applied: %s (%s)", self.name, self.verl_ref)
+
+    def revert(self) -> None:
+        if not self.applied:
+            return
+        owner, leaf = self._owner_and_leaf()
+        setattr(owner, leaf, self.original)
+        for mod_name in self.rebound:
+            mod = sys.modules.get(mod_name)
+            if mod is not None and getattr(mod, leaf, None) is self.replacement:
+                setattr(mod, leaf, self.original)
+        self.original, self.replacement, self.rebound = None, None, []
+
+
+# --------------------------------------------------------------------------------------------
+# 1. gloo-only process group
+# --------------------------------------------------------------------------------------------
+def _gloo_process_group(original):
+    @functools.wraps(original)
+    def initialize_global_process_group_ray(timeout_second=None, backend=None):
+        return original(timeout_second=timeout_second, backend=backend or "cpu:gloo")
+
+    return initialize_global_process_group_ray
+
+
+# --------------------------------------------------------------------------------------------
+# 2. FSDP2 CPU offload policy without pinned memory
+# --------------------------------------------------------------------------------------------
+def _offload_without_pinning(original_cls):
+    def CPUOffloadPolicy(*args, pin_memory: bool = True, **kwargs):  # noqa: N802 - mirrors the class name
+        return original_cls(*args, pin_memory=False, **kwargs)
+
+    CPUOffloadPolicy.__doc__ = f"{original_cls.__name__} with pin_memory=False (tip_verl CPU platform)."
+    return CPUOffloadPolicy
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Resource-pool check that counts the platform's Ray resource
+# --------------------------------------------------------------------------------------------
+def _platform_aware_resource_check(original):
+    @functools.wraps(original)
+    def _check_resource_available(self):
+        import ray
+
+        from verl.plugin.platform import get_platform
+
+        resource_name = get_platform().ray_resource_name()
+        per_node = ray._private.state.available_resources_per_node()
+        available = sum(info.get(resource_name, 0) for info in per_node.values())
+        required = sum(n for process_on_nodes in self.resource_pool_spec.values() for n in process_on_nodes)
+        if available < required:
+            raise ValueError(
+                f"Total available {resource_name!r} Ray resources {available} is less than the {required} worker "
+                f"slots the resource pools ask for. On the CPU platform declare them with "
+                f"'+ray_kwargs.ray_init.resources.{resource_name}=N' (see tip_verl.verl_adapter.cpu_overrides)."
+            )
+
+    return _check_resource_available
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Top-k teacher log-probs from the hf rollout
+# --------------------------------------------------------------------------------------------
+def _topk_validation_knows_hf(original):
+    @functools.wraps(original)
+    def _validate_topk_logprobs(self, use_topk, topk):
+        if use_topk and self.inference.name == "hf":
+            if topk is None:
+                raise ValueError("topk must be specified when use_topk is True.")
+            return None
+        return original(self, use_topk, topk)
+
+    return _validate_topk_logprobs
+
+
+PATCHES: list[Patch] = [
+    Patch(
+        name="gloo_process_group",
+        module="verl.utils.distributed",
+        attr="initialize_global_process_group_ray",
+        verl_ref="verl/utils/distributed.py:89",
+        reason='default backend "cpu:gloo,cpu:gloo" is rejected by torch; use "cpu:gloo"',
+        factory=_gloo_process_group,
+        rebind_importers=True,
+    ),
+    Patch(
+        name="fsdp2_offload_without_pinning",
+        module="verl.workers.engine.fsdp.transformer_impl",
+        attr="CPUOffloadPolicy",
+        verl_ref="verl/workers/engine/fsdp/transformer_impl.py:462",
+        reason="CPUOffloadPolicy(pin_memory=True) needs an accelerator to pin host memory",
+        factory=_offload_without_pinning,
+    ),
+    Patch(
+        name="resource_check_platform_aware",
+        module="verl.single_controller.ray.base",
+        attr="ResourcePoolManager._check_resource_available",
+        verl_ref="verl/single_controller/ray/base.py:226-242",
+        reason="resource check counts only GPU/NPU, not the platform's ray_resource_name()",
+        factory=_platform_aware_resource_check,
+    ),
+    Patch(
+        name="teacher_topk_for_hf_rollout",
+        module="verl.workers.config.distillation",
+        attr="DistillationTeacherModelConfig._validate_topk_logprobs",
+        verl_ref="verl/workers/config/distillation.py:188-214",
+        reason="top-k teacher validation knows only vllm/sglang; the hf server answers prompt_logprobs=k",
+        factory=_topk_validation_knows_hf,
+    ),
+]
+
+
+def apply_all() -> list[str]:
+    """Apply every patch (idempotent); return the names applied."""
+    for patch in PATCHES:
+        patch.apply()
+    return [p.name for p in PATCHES if p.applied]
+
+
+def revert_all() -> None:
+    for patch in reversed(PATCHES):
+        patch.revert()
+
+
+def applied_patches() -> list[str]:
+    return [p.name for p in PATCHES if p.applied]

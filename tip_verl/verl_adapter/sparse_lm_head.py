@@ -1,0 +1,451 @@
+"""Sparse LM head for the actor update: vocabulary projection only at kept (``loss_mask = 1``) tokens.
+
+TIP keeps a fraction of the response tokens and writes the keep-mask into ``response_mask`` and
+``loss_mask``. verl 0.9.1's update step still projects *every* packed token (prompt included) onto
+the vocabulary (``FSDPEngineWithLMHead.prepare_model_outputs``,
+``verl/workers/engine/fsdp/transformer_impl.py:1332``: ``output.logits.squeeze(0)`` of shape
+``(total_nnz, vocab)``), then runs log-softmax and its backward over all of them, so masking the
+loss alone saves nothing at peak. This module makes the update compute the vocabulary projection,
+the log-probs (and the entropy, when the update asks for it) only where a kept response token is
+predicted, and scatters the results back into the full-size tensors verl's loss expects (zeros
+elsewhere: those positions are masked out of the loss), so ``ppo_loss`` / verl's distillation loss
+run unchanged.
+
+How (no verl source edit):
+
+* :class:`SparseLMHeadMixin` overrides three methods of ``FSDPEngineWithLMHead``
+  (``transformer_impl.py``: ``prepare_model_inputs`` :1145, ``prepare_model_outputs`` :1332,
+  ``forward_step`` :1549). For a training forward with a loss (``forward_only=False``) it
+  computes the kept positions, installs a forward hook on the decoder (``model.model``: the module
+  the HF causal-LM forward and verl's fused forwards in ``models/transformers/dense_common.py`` both
+  call) that gathers the final hidden states at those positions, so the lm_head (or, on the
+  fused-kernel path, ``FusedLinearForPPO`` / ``linear_cross_entropy``, whose labels are gathered
+  the same way through ``shift_labels``) sees ``(1, K, hidden)`` instead of all tokens. The hook is
+  removed when the step ends.
+* :class:`SparseLMHeadTrainingWorker` is verl's ``TrainingWorker`` whose engine, built by verl's
+  ``EngineRegistry`` as usual (``engine_workers.py:139``), is upgraded to the sparse variant of
+  its own class before it is initialised. The TIP worker sets it as ``actor_worker_cls``; nothing
+  is registered globally, so verl jobs that do not use TIP are untouched.
+
+Alignment: the log-prob of response token ``t`` comes from the logits at packed position
+``t - 1``. For sequence ``i`` of a micro-batch with packed start ``cu[i]``, length ``L_i`` and
+response length ``R_i``, response token ``j`` is predicted at ``cu[i] + L_i - R_i - 1 + j``
+(the same slice verl's ``no_padding_2_padding`` takes, ``workers/utils/padding.py``). Kept
+positions are those whose ``loss_mask`` or ``response_mask`` is 1 (the union, so a loss that reads
+either mask sees exact values). Nested (jagged) and dense response masks, remove-padding on and off,
+dynamic batch size and a static packed pad (``pad_to_length``) are handled.
+
+Not covered (full computation, one ``logger.warning`` per reason): Ulysses sequence parallelism
+> 1, multimodal inputs / 3-D position ids, top-K distillation (needs full logits), Σπ² requests,
+engines that are not a plain ``FSDPEngineWithLMHead`` (Megatron, VeOmni, value heads, subclasses
+that override the three methods), models without a ``.model`` decoder, masks of another layout.
+``TIP_VERL_SPARSE_LM_HEAD=0`` turns the sparse path off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from verl.utils import tensordict_utils as tu
+from verl.utils import torch_functional as verl_F
+from verl.utils.dataset.dataset_utils import DatasetPadMode
+from verl.utils.torch_functional import logprobs_from_logits
+from verl.workers.engine.fsdp.transformer_impl import (
+    FSDPEngineWithLMHead,
+    FSDPEngineWithValueHead,
+    _scale_logits_by_temperature,
+)
+from verl.workers.engine_workers import TrainingWorker
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SparseLMHeadMixin",
+    "SparseLMHeadFSDPEngine",
+    "SparseLMHeadTrainingWorker",
+    "SparsePlan",
+    "enable_sparse_lm_head",
+    "kept_logit_positions",
+    "sparse_engine_class",
+]
+
+ENV_SWITCH = "TIP_VERL_SPARSE_LM_HEAD"
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    logger.warning(
+        "tip_verl sparse lm_head: %s; the actor update computes logits for every token on this path "
+        "(correct, but without the memory saving).",
+        reason,
+    )
+
+
+class _Unsupported(Exception):
+    """A micro-batch layout the sparse path does not handle; the message is the fallback reason."""
+
+
+def _sparse_enabled_by_env() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept positions
+# ---------------------------------------------------------------------------------------------
+def _response_lengths(micro_batch) -> torch.Tensor:
+    """Per-sequence response lengths, computed as ``no_padding_2_padding`` does."""
+    if "responses" not in micro_batch.keys() or "prompts" not in micro_batch.keys():
+        raise _Unsupported("micro-batch has no 'prompts'/'responses' to locate the response tokens")
+    prompts, responses = micro_batch["prompts"], micro_batch["responses"]
+    if prompts.is_nested:
+        return responses.offsets().diff()
+    if "attention_mask" not in micro_batch.keys():
+        raise _Unsupported("dense 'responses' without 'attention_mask'")
+    attention_mask = micro_batch["attention_mask"]
+    return attention_mask[:, prompts.shape[1] :].sum(dim=1)
+
+
+def _dense_response_mask(mask: torch.Tensor, response_lens: torch.Tensor, name: str) -> torch.Tensor:
+    """A response-aligned mask as a dense ``(bsz, max_response_len)`` bool tensor."""
+    bsz = response_lens.shape[0]
+    if mask.is_nested:
+        lens = mask.offsets().diff()
+        if lens.shape != response_lens.shape or not torch.equal(lens.to(response_lens.device), response_lens):
+            raise _Unsupported(f"'{name}' is not aligned with the responses (per-sequence lengths differ)")
+        width = int(lens.max().item()) if bsz else 0
+        dense = torch.nested.to_padded_tensor(mask, padding=0, output_size=(bsz, width))
+    else:
+        if mask.dim() != 2 or mask.shape[0] != bsz:
+            raise _Unsupported(f"'{name}' of shape {tuple(mask.shape)} is not a (bsz, response_len) mask")
+        dense = mask
+    dense = dense.bool()
+    width = dense.shape[1]
+    if bsz and int(response_lens.max().item()) > width:
+        raise _Unsupported(f"'{name}' is narrower than the longest response")
+    return dense
+
+
+def kept_logit_positions(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed logit positions that predict a kept response token, and their sequence index.
+
+    Returns ``(positions, seq_index)``, both ``(K,)`` long tensors in packed (remove-padding)
+    coordinates of ``micro_batch["input_ids"]`` (nested). A token is kept where ``loss_mask`` or
+    ``response_mask`` is 1. Raises :class:`_Unsupported` for layouts it does not know.
+    """
+    input_ids = micro_batch["input_ids"]
+    if not input_ids.is_nested:
+        raise _Unsupported("input_ids is not a nested (no-padding) tensor")
+    cu_seqlens = input_ids.offsets()
+    seq_lens = cu_seqlens.diff()
+    response_lens = _response_lengths(micro_batch).to(seq_lens.device, torch.long)
+    if response_lens.shape != seq_lens.shape:
+        raise _Unsupported("responses and input_ids disagree on the batch size")
+    if bool((seq_lens - response_lens < 1).any()):
+        raise _Unsupported("a sequence has an empty prompt (no logit position before its first response token)")
+
+    masks = []
+    for name in ("loss_mask", "response_mask"):
+        if name in micro_batch.keys():
+            masks.append(_dense_response_mask(micro_batch[name], response_lens, name).to(seq_lens.device))
+    if not masks:
+        raise _Unsupported("micro-batch has neither 'loss_mask' nor 'response_mask'")
+    width = max(m.shape[1] for m in masks)
+    keep = torch.zeros(seq_lens.shape[0], width, dtype=torch.bool, device=seq_lens.device)
+    for m in masks:
+        keep[:, : m.shape[1]] |= m
+    keep &= torch.arange(width, device=keep.device).unsqueeze(0) < response_lens.unsqueeze(1)
+
+    seq_index, token_index = keep.nonzero(as_tuple=True)
+    first_logit = cu_seqlens[:-1] + seq_lens - response_lens - 1  # predicts response token 0
+    positions = first_logit[seq_index] + token_index
+    return positions.long(), seq_index.long()
+
+
+@dataclass
+class SparsePlan:
+    """What one micro-batch's sparse forward needs; lives in ``output_args`` for one step."""
+
+    positions: torch.Tensor  # (K,) packed logit positions
+    seq_index: torch.Tensor  # (K,) sequence of each position
+    labels: torch.Tensor  # (K,) token predicted at each position (input_ids at position + 1)
+    cu_seqlens: torch.Tensor  # (B + 1,)
+    total_nnz: int
+    use_remove_padding: bool
+    use_fused_kernels: bool
+    calculate_entropy: bool
+    fired: int = 0
+    handle: Any = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------------------------
+def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside FSDP1 / PEFT wrappers (FSDP2 keeps the model object itself)."""
+    model = module
+    for _ in range(8):
+        if hasattr(model, "_fsdp_wrapped_module"):
+            model = model._fsdp_wrapped_module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            base = model.get_base_model()
+            if base is model:
+                break
+            model = base
+        else:
+            break
+    return model
+
+
+class SparseLMHeadMixin:
+    """Overrides of ``FSDPEngineWithLMHead`` that run the LM head only at kept positions (update step)."""
+
+    _tip_sparse_request: bool = False
+    _tip_sparse_plan: Optional[SparsePlan] = None
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _tip_decoder(self) -> torch.nn.Module:
+        model = _hf_model(self.module)
+        hf_config = getattr(model, "config", None)
+        if hf_config is not None and getattr(hf_config, "vision_config", None) is not None:
+            raise _Unsupported(f"multimodal model {type(model).__name__}")
+        decoder = getattr(model, "model", None)
+        if not isinstance(decoder, torch.nn.Module):
+            raise _Unsupported(f"{type(model).__name__} has no '.model' decoder module to gather hidden states from")
+        return decoder
+
+    def _tip_unsupported_reason(self, micro_batch) -> Optional[str]:
+        if getattr(self, "use_ulysses_sp", False):
+            return "Ulysses sequence parallelism (ulysses_sequence_parallel_size > 1) is not covered"
+        if self.model_config.get("model_type", "language_model") != "language_model":
+            return f"model_type {self.model_config.get('model_type')!r} is not a causal LM"
+        get = tu.get_non_tensor_data
+        if get(data=micro_batch, key="pad_mode", default=DatasetPadMode.NO_PADDING) != DatasetPadMode.NO_PADDING:
+            return "pad_mode other than NO_PADDING"
+        if get(data=micro_batch, key="distillation_use_topk", default=False):
+            return "top-K distillation needs the full student logits"
+        if get(data=micro_batch, key="distillation_only", default=False):
+            return "distillation_only (no policy log-probs) is not covered"
+        if get(data=micro_batch, key="calculate_sum_pi_squared", default=False):
+            return "calculate_sum_pi_squared needs the full logits"
+        if "multi_modal_inputs" in micro_batch.keys():
+            return "multimodal inputs are not covered"
+        if micro_batch["position_ids"].dim() == 3:
+            return "3-D (mrope) position ids are not covered"
+        return None
+
+    def _tip_plan(self, micro_batch, model_inputs: dict, output_args: dict) -> Optional[SparsePlan]:
+        reason = self._tip_unsupported_reason(micro_batch)
+        try:
+            if reason is None:
+                decoder = self._tip_decoder()
+                positions, seq_index = kept_logit_positions(micro_batch)
+        except _Unsupported as exc:
+            reason = str(exc)
+        if reason is not None:
+            _warn_once(reason)
+            return None
+
+        get = tu.get_non_tensor_data
+        input_ids = micro_batch["input_ids"]
+        values = input_ids.values()
+        plan = SparsePlan(
+            positions=positions,
+            seq_index=seq_index,
+            labels=values[positions + 1],
+            cu_seqlens=input_ids.offsets(),
+            total_nnz=values.shape[0],
+            use_remove_padding=bool(get(data=micro_batch, key="use_remove_padding", default=True)),
+            use_fused_kernels=bool(get(data=micro_batch, key="use_fused_kernels", default=False)),
+            calculate_entropy=bool(get(data=micro_batch, key="calculate_entropy", default=False)),
+        )
+        if plan.use_fused_kernels:
+            # verl's fused forwards take these labels verbatim (dense_common.py: shift_labels).
+            model_inputs["shift_labels"] = plan.labels.unsqueeze(0)
+        plan.handle = decoder.register_forward_hook(self._tip_make_hook(plan))
+        return plan
+
+    @staticmethod
+    def _tip_make_hook(plan: SparsePlan):
+        def gather_hidden_states(module, args, output):
+            if plan.fired:
+                raise RuntimeError("tip_verl sparse lm_head: the decoder ran twice in one forward step")
+            plan.fired += 1
+            is_tuple = isinstance(output, tuple)
+            hidden = output[0] if is_tuple else output.last_hidden_state
+            if isinstance(hidden, DTensor):
+                raise RuntimeError("tip_verl sparse lm_head: hidden states are DTensors (tensor parallel); unsupported")
+            hidden_size = hidden.shape[-1]
+            if plan.use_remove_padding:
+                if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < plan.total_nnz:
+                    raise RuntimeError(f"tip_verl sparse lm_head: unexpected packed hidden shape {tuple(hidden.shape)}")
+                flat_index = plan.positions
+            else:
+                seq_len = hidden.shape[1]
+                if hidden.dim() != 3 or hidden.shape[0] != plan.cu_seqlens.shape[0] - 1:
+                    raise RuntimeError(f"tip_verl sparse lm_head: unexpected padded hidden shape {tuple(hidden.shape)}")
+                local = plan.positions - plan.cu_seqlens[plan.seq_index]
+                flat_index = plan.seq_index * seq_len + local
+            gathered = hidden.reshape(-1, hidden_size).index_select(0, flat_index).unsqueeze(0)  # (1, K, H)
+            if is_tuple:
+                return (gathered, *output[1:])
+            output.last_hidden_state = gathered
+            return output
+
+        return gather_hidden_states
+
+    # -- overrides of FSDPEngineWithLMHead ----------------------------------------------------
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        if forward_only or loss_function is None or not torch.is_grad_enabled() or not _sparse_enabled_by_env():
+            return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+        self._tip_sparse_request = True
+        try:
+            return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+        finally:
+            self._tip_sparse_request = False
+            plan, self._tip_sparse_plan = self._tip_sparse_plan, None
+            if plan is not None and plan.handle is not None:
+                plan.handle.remove()
+
+    def prepare_model_inputs(self, micro_batch):
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch=micro_batch)
+        if self._tip_sparse_request and self._tip_sparse_plan is None:
+            plan = self._tip_plan(micro_batch, model_inputs, output_args)
+            if plan is not None:
+                self._tip_sparse_plan = plan
+                output_args["tip_sparse_plan"] = plan
+        return model_inputs, output_args
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        plan: Optional[SparsePlan] = output_args.get("tip_sparse_plan")
+        if plan is None:
+            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        if plan.handle is not None:
+            plan.handle.remove()
+            plan.handle = None
+        if not plan.fired:
+            if plan.use_fused_kernels:
+                raise RuntimeError("tip_verl sparse lm_head: the decoder hook did not run on the fused-kernel path")
+            _warn_once(f"the forward of {type(_hf_model(self.module)).__name__} did not call its '.model' decoder")
+            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        return self._tip_sparse_outputs(output, output_args, plan)
+
+    def _tip_sparse_outputs(self, output, output_args, plan: SparsePlan) -> dict:
+        num_kept = plan.positions.shape[0]
+        entropy_k = None
+        if plan.use_fused_kernels:
+            log_probs_k = output.log_probs.reshape(-1)
+            if plan.calculate_entropy:
+                entropy_k = output.entropy.reshape(-1)
+        else:
+            logits = output.logits
+            if isinstance(logits, DTensor):
+                logits = logits.full_tensor()
+            logits = logits.reshape(-1, logits.shape[-1])  # (K, vocab)
+            if plan.use_remove_padding:
+                temperature = output_args["temperature_rmpad"][plan.positions]
+            else:
+                temperature = output_args["temperature"][plan.seq_index]
+            logits = _scale_logits_by_temperature(
+                logits,
+                temperature.unsqueeze(-1),
+                is_unit_temperature=output_args.get("temperature_is_one", False),
+            )
+            if num_kept == 0:
+                # Nothing kept in this micro-batch: verl's row-wise helpers cannot stack zero rows.
+                # An empty sum keeps the (empty) autograd graph so backward still runs.
+                log_probs_k = logits.sum(dim=-1)
+                entropy_k = log_probs_k if plan.calculate_entropy else None
+            else:
+                if plan.calculate_entropy:  # as verl does it, on the kept rows only
+                    if self.engine_config.entropy_checkpointing:
+                        entropy_k = torch.utils.checkpoint.checkpoint(self.compute_entropy_from_logits, logits)
+                    elif self.engine_config.entropy_from_logits_with_chunking:
+                        entropy_k = self.compute_entropy_from_logits(
+                            logits, chunk_size=self.engine_config.entropy_from_logits_chunk_size
+                        )
+                    else:
+                        entropy_k = self.compute_entropy_from_logits(logits)
+                log_probs_k = logprobs_from_logits(
+                    logits=logits, labels=plan.labels, inplace_backward=not plan.calculate_entropy
+                )
+        if log_probs_k.shape[0] != num_kept:
+            raise RuntimeError(
+                f"tip_verl sparse lm_head: got {log_probs_k.shape[0]} log-probs for {num_kept} kept positions"
+            )
+
+        def scatter(values_k: torch.Tensor) -> torch.Tensor:
+            full = values_k.new_zeros(plan.total_nnz)
+            full = full.index_copy(0, plan.positions, values_k)
+            return torch.nested.nested_tensor_from_jagged(full, plan.cu_seqlens)
+
+        model_output = {"log_probs": scatter(log_probs_k)}
+        if plan.calculate_entropy:
+            model_output["entropy"] = scatter(entropy_k)
+        return model_output
+
+
+class SparseLMHeadFSDPEngine(SparseLMHeadMixin, FSDPEngineWithLMHead):
+    """``FSDPEngineWithLMHead`` with the sparse update-step LM head (FSDP and FSDP2)."""
+
+
+_OVERRIDDEN = ("forward_step", "prepare_model_inputs", "prepare_model_outputs")
+_SPARSE_CLASSES: dict[type, type] = {FSDPEngineWithLMHead: SparseLMHeadFSDPEngine}
+
+
+def sparse_engine_class(engine_cls: type) -> Optional[type]:
+    """The sparse variant of ``engine_cls``, or ``None`` when the sparse path does not apply to it.
+
+    It applies to ``FSDPEngineWithLMHead`` and to subclasses (e.g. a device-specific registration)
+    that keep its three forward methods as they are.
+    """
+    if issubclass(engine_cls, SparseLMHeadMixin):
+        return engine_cls
+    if engine_cls in _SPARSE_CLASSES:
+        return _SPARSE_CLASSES[engine_cls]
+    if not issubclass(engine_cls, FSDPEngineWithLMHead) or issubclass(engine_cls, FSDPEngineWithValueHead):
+        return None
+    if any(getattr(engine_cls, name) is not getattr(FSDPEngineWithLMHead, name) for name in _OVERRIDDEN):
+        return None
+    sparse_cls = type(f"SparseLMHead{engine_cls.__name__}", (SparseLMHeadMixin, engine_cls), {})
+    sparse_cls.__module__ = __name__
+    _SPARSE_CLASSES[engine_cls] = sparse_cls
+    return sparse_cls
+
+
+def enable_sparse_lm_head(engine):
+    """Give a freshly built (not yet initialised) engine the sparse update-step LM head.
+
+    Returns the same object, its class switched to :func:`sparse_engine_class` of its class (the
+    subclass only adds methods, no state). An engine the sparse path does not cover is returned
+    unchanged after a one-time warning.
+    """
+    sparse_cls = sparse_engine_class(type(engine))
+    if sparse_cls is None:
+        _warn_once(f"engine {type(engine).__module__}.{type(engine).__qualname__} is not covered")
+        return engine
+    if type(engine) is not sparse_cls:
+        engine.__class__ = sparse_cls
+    return engine
+
+
+class SparseLMHeadTrainingWorker(TrainingWorker):
+    """verl's ``TrainingWorker`` whose engine runs the LM head only at kept tokens in the update step.
+
+    Set as ``ActorRolloutRefWorker.actor_worker_cls`` by the TIP worker. The engine is built by
+    verl's ``EngineRegistry`` exactly as in ``TrainingWorker.__init__`` and upgraded before
+    ``reset()`` initialises it; log-prob passes (``infer_batch``) are unchanged.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.engine = enable_sparse_lm_head(self.engine)

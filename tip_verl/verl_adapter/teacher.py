@@ -1,0 +1,109 @@
+"""The reference model as teacher: verl's hybrid worker with the ref loaded from another checkpoint.
+
+verl 0.9.1 builds the reference model from a copy of the actor's model config
+(``verl/workers/engine_workers.py``, ``ref_config.model_config = deepcopy(model_config)``), so the ref
+is always the initial student. :class:`TeacherRefWorker` keeps verl's worker as it is and only swaps
+the class that builds the ref (``ActorRolloutRefWorker.ref_worker_cls``) for one that loads the
+teacher checkpoint with the actor's model settings (remove-padding, attention implementation,
+override_config ...) and verl's own ref engine settings (param offload, micro-batching) unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+from omegaconf import open_dict
+
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+
+logger = logging.getLogger(__name__)
+
+#: Key the TIP trainer adds under ``actor_rollout_ref`` to hand the teacher path to the workers.
+TEACHER_PATH_KEY = "tip_teacher_path"
+
+
+class TeacherCompatibilityError(ValueError):
+    """Teacher and student cannot be distilled token by token (different tokenizers or vocabularies)."""
+
+
+def check_teacher_compatible(student_path: str, teacher_path: str, *, trust_remote_code: bool = False) -> dict:
+    """Check, without loading weights, that the teacher scores the student's tokens.
+
+    Both tokenizers must map the same strings to the same ids. The models' vocabulary (lm_head rows)
+    must match too, except for padding rows beyond the tokenizer (Qwen2.5-14B pads to 152,064 and
+    Qwen2.5-1.5B to 151,936: same tokenizer, both valid). Returns the sizes it compared.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    s_tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=trust_remote_code)
+    t_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    if s_vocab != t_vocab:
+        differing = sorted(set(s_vocab.items()) ^ set(t_vocab.items()), key=str)[:5]
+        raise TeacherCompatibilityError(
+            f"Teacher and student tokenizers differ: student vocab size {len(s_vocab)} ({student_path}), "
+            f"teacher vocab size {len(t_vocab)} ({teacher_path}); first differing (token, id) pairs: {differing}. "
+            "OPD compares log-probs token by token, so both models must share one tokenizer."
+        )
+    s_cfg = AutoConfig.from_pretrained(student_path, trust_remote_code=trust_remote_code)
+    t_cfg = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
+    s_size, t_size = int(s_cfg.vocab_size), int(t_cfg.vocab_size)
+    if min(s_size, t_size) < len(s_vocab):
+        raise TeacherCompatibilityError(
+            f"Model vocab sizes do not cover the tokenizer: student vocab size {s_size}, teacher vocab size "
+            f"{t_size}, tokenizer size {len(s_vocab)}."
+        )
+    if s_size != t_size:
+        logger.warning(
+            "tip_verl: student vocab size %d and teacher vocab size %d differ only by padding rows beyond the "
+            "shared tokenizer (%d tokens); sampled-token log-probs are comparable.", s_size, t_size, len(s_vocab)
+        )
+    return {"tokenizer_size": len(s_vocab), "student_vocab_size": s_size, "teacher_vocab_size": t_size}
+
+
+def teacher_model_config(actor_model_node: Any, teacher_path: str):
+    """verl's ``HFModelConfig`` for the teacher: the actor's model node with the checkpoint swapped."""
+    node = copy.deepcopy(actor_model_node)
+    with open_dict(node):
+        node.path = teacher_path
+        # The teacher has its own config and tokenizer files; LoRA and MTP never apply to it.
+        for key in ("hf_config_path", "tokenizer_path", "local_path", "local_hf_config_path", "local_tokenizer_path"):
+            if key in node:
+                node[key] = None
+        if "lora_rank" in node:
+            node.lora_rank = 0
+    model_config = omega_conf_to_dataclass(node)
+    if hasattr(model_config, "mtp"):
+        from verl.workers.config import MtpConfig
+
+        model_config.mtp = MtpConfig(enable=False)
+    return model_config
+
+
+class TeacherRefWorker(ActorRolloutRefWorker):
+    """``ActorRolloutRefWorker`` whose ref model is the teacher checkpoint named by the TIP trainer."""
+
+    def __init__(self, config, role: str, distillation_config=None, **kwargs):
+        teacher_path = config.get(TEACHER_PATH_KEY, None)
+        if not teacher_path:
+            raise ValueError(
+                f"TeacherRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by trainer.v1.trainer_mode=tip_sync "
+                "from +tip.teacher_path."
+            )
+        if not os.path.isdir(teacher_path):
+            raise FileNotFoundError(f"Teacher checkpoint {teacher_path} (from +tip.teacher_path) does not exist.")
+        super().__init__(config, role, distillation_config=distillation_config, **kwargs)
+        teacher_config = teacher_model_config(config.model, teacher_path)
+
+        class _TeacherTrainingWorker(TrainingWorker):
+            def __init__(self, config):
+                # verl passes a TrainingWorkerConfig whose model_config is a copy of the actor's.
+                config.model_config = teacher_config
+                super().__init__(config)
+
+        self.ref_worker_cls = _TeacherTrainingWorker
+        self.teacher_path = teacher_path
