@@ -79,12 +79,16 @@ def parse_args(argv=None):
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default malloc thresholds (freed memory may stay resident)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    p.add_argument("--profile-memory", action="store_true",
+                   help="after the measured steps, profile one more step with torch.profiler(profile_memory=True) "
+                        "and write its memory timeline (by category) and top allocating ops under --out")
     # internal: one configuration in this process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["baseline", "tip"], help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -329,6 +333,8 @@ def run_worker(args) -> dict:
             sampled = sampler.peak - before
         records.append({"peak_bytes": peak, "sampled_peak_bytes": sampled, "seconds": seconds,
                         "before_bytes": before})
+    if args.profile_dir:
+        profile_step(args, worker, keep, Path(args.profile_dir))
     pg_loss = metrics.get("actor/pg_loss")
     return {
         "mode": args.mode, "ratio": args.ratio, "engine": engine_cls,
@@ -339,6 +345,48 @@ def run_worker(args) -> dict:
         "steps": records,
         "pg_loss": float(pg_loss[0] if isinstance(pg_loss, list) else pg_loss) if pg_loss is not None else None,
     }
+
+
+def profile_step(args, worker, keep, out: Path) -> None:
+    """One more update step under torch.profiler: memory timeline by category + top allocating ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.mode}_{args.ratio}"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    td = update_batch(args, keep)
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        worker.update_actor(td)
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    try:
+        prof.export_memory_timeline(str(out / f"memory_timeline_{tag}.json"), device=device)
+        _summarise_timeline(out / f"memory_timeline_{tag}.json", out / f"memory_timeline_{tag}.txt")
+    except Exception as exc:  # the timeline needs with_stack + record_shapes; keep the table anyway
+        print(f"memory timeline failed: {exc!r}", file=sys.stderr)
+    sort_key = "self_cuda_memory_usage" if args.device == "cuda" else "self_cpu_memory_usage"
+    averages = prof.key_averages()
+    time_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    (out / f"top_ops_{tag}.txt").write_text(
+        "by self memory\n" + averages.table(sort_by=sort_key, row_limit=30)
+        + "\n\nby self time\n" + averages.table(sort_by=time_key, row_limit=30)
+    )
+
+
+def _summarise_timeline(src: Path, dst: Path) -> None:
+    """Peak of the profiler's memory timeline and what each category held at that moment."""
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
+
+    times, sizes = json.loads(src.read_text())
+    names = ["-"] + [getattr(c, "name", "UNKNOWN") for c, _ in sorted(_CATEGORY_TO_INDEX.items(), key=lambda kv: kv[1])]
+    totals = [sum(row) for row in sizes]
+    peak = max(range(len(totals)), key=totals.__getitem__)
+    base = sizes[0]
+    lines = [f"peak {totals[peak] / 2**30:.3f} GiB at t={times[peak] - times[0]:.0f} us (start {totals[0] / 2**30:.3f} GiB)"]
+    for name, at_peak, at_start in zip(names, sizes[peak], base):
+        lines.append(f"  {name:16s} {at_peak / 2**30:8.3f} GiB at peak   (start {at_start / 2**30:8.3f} GiB)")
+    dst.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _free_port() -> int:
@@ -358,6 +406,8 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.intermediate:
         cmd += ["--intermediate", str(args.intermediate)]
+    if args.profile_memory:
+        cmd += ["--profile-dir", str(Path(args.out).resolve() / "profiles")]
     for flag in ("tied", "no_remove_padding", "gradient_checkpointing"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")

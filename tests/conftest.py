@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# verl resolves its platform when first imported: tests run on tip_verl's CPU platform.
+os.environ.setdefault("VERL_PLATFORM", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""End to end: verl's real trainer (``python -m verl.trainer.main_ppo``, V1) on the CPU, 2 GRPO steps.
+"""End to end: verl's real trainer (``python -m verl.trainer.main_ppo``, V1) on the CPU.
 
-Runs ``examples/cpu/run_tiny_grpo.sh`` (which launches ``main_ppo`` with the shared CPU overrides of
+Runs the example scripts (``examples/cpu/run_tiny_grpo.sh``, ``run_tiny_opd.sh``) (which launches ``main_ppo`` with the shared CPU overrides of
 ``tip_verl.verl_adapter.cpu_overrides``) as a subprocess on the tiny assets and parses verl's console
-logger output (``step:N - key:value - ...``). About 1.5-2 minutes on 2 cores.
+logger output (``step:N - key:value - ...``). About 70 s on 2 cores.
 """
 
 import os
@@ -15,27 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tip_verl.verl_adapter.console_metrics import parse_console_metrics
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "examples" / "cpu" / "run_tiny_grpo.sh"
 MARKER_ENV = "TIP_VERL_E2E_RUN"
-
-
-def parse_console_metrics(text: str) -> dict[int, dict[str, float]]:
-    steps: dict[int, dict[str, float]] = {}
-    for line in text.splitlines():
-        m = re.search(r"\bstep:(\d+) - (.*)$", line)
-        if not m:
-            continue
-        metrics = {}
-        for kv in m.group(2).strip().split(" - "):
-            key, _, value = kv.partition(":")
-            num = re.sub(r"^np\.\w+\((.*)\)$", r"\1", value.strip())
-            try:
-                metrics[key] = float(num)
-            except ValueError:
-                pass
-        steps[int(m.group(1))] = metrics
-    return steps
 
 
 def _processes_with_marker(marker: str) -> list[str]:
@@ -54,27 +37,39 @@ def _processes_with_marker(marker: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_main_ppo_grpo_two_steps_on_cpu(tiny_assets, tmp_path):
+def run_example(script: str, args: list[str], assets, tmp_path):
+    """Run an example script as a user would; return its output, per-step metrics and wall time.
+
+    Also checks that the run left no process behind (Ray, TransferQueue, rollout servers).
+    """
     env = dict(os.environ)
     env.pop("VERL_PLATFORM", None)  # the script sets the CPU environment itself
     marker = uuid.uuid4().hex
-    env.update(PYTHON=sys.executable, ASSETS_DIR=str(tiny_assets.root), RUN_DIR=str(tmp_path), **{MARKER_ENV: marker})
+    env.update(PYTHON=sys.executable, ASSETS_DIR=str(assets.root), RUN_DIR=str(tmp_path), **{MARKER_ENV: marker})
     t0 = time.time()
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "trainer.total_training_steps=2"],
-        cwd=str(tmp_path),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = subprocess.run(["bash", str(REPO / "examples" / "cpu" / script), *args], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
+    # Ray (raylet, GCS, workers), TransferQueue and the rollout server are gone once the driver exits
+    deadline = time.time() + 30
+    leftovers = _processes_with_marker(marker)
+    while leftovers and time.time() < deadline:
+        time.sleep(1)
+        leftovers = _processes_with_marker(marker)
+    assert not leftovers, leftovers
+    return out, parse_console_metrics(out), wall
 
+
+def summary_of(out: str, tag: str) -> str:
+    return [line for line in out.splitlines() if line.startswith(f"[{tag}] ")][-1]
+
+
+@pytest.mark.slow
+def test_main_ppo_grpo_two_steps_on_cpu(tiny_assets, tmp_path):
+    out, steps, wall = run_example("run_tiny_grpo.sh", ["trainer.total_training_steps=2"], tiny_assets, tmp_path)
     # verl's console logger printed the metrics of both steps
-    steps = parse_console_metrics(out)
     assert set(steps) == {1, 2}, out[-4000:]
     for step, metrics in steps.items():
         for key in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm", "critic/score/mean",
@@ -87,14 +82,6 @@ def test_main_ppo_grpo_two_steps_on_cpu(tiny_assets, tmp_path):
         assert metrics["training/rollout_probs_diff_max"] < 1e-4, metrics["training/rollout_probs_diff_max"]
     # the hf rollout served the generations, and the example printed its summary line
     assert "LLMServerManager: ['hf-rollout-0-" in out
-    summary = [line for line in out.splitlines() if line.startswith("[run_tiny_grpo] ")][-1]
+    summary = summary_of(out, "run_tiny_grpo")
     assert summary.startswith("[run_tiny_grpo] OK: 2 step(s) with metrics; last step 2:"), summary
     assert wall < 600, wall
-
-    # Ray (raylet, GCS, workers), TransferQueue and the rollout server are gone once the driver exits
-    deadline = time.time() + 30
-    leftovers = _processes_with_marker(marker)
-    while leftovers and time.time() < deadline:
-        time.sleep(1)
-        leftovers = _processes_with_marker(marker)
-    assert not leftovers, leftovers

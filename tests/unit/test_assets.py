@@ -1,5 +1,6 @@
 """Tests for the tiny asset builder (tokenizer, task data, reward, models, build cache)."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -21,7 +22,8 @@ from tip_verl.assets import (
     check_tokenizer,
 )
 from tip_verl.assets import models as M
-from tip_verl.assets.task import DATA_SOURCE, TaskConfig, split_pairs, training_stream, write_parquets
+from tip_verl.assets.models import ModelConfig
+from tip_verl.assets.task import DATA_SOURCE, TaskConfig, make_rows, split_pairs, training_stream, write_parquets
 from tip_verl.assets.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, build_tokenizer, load_tokenizer
 
 REWARD_FILE = Path(__file__).resolve().parents[2] / "tip_verl" / "assets" / "reward.py"
@@ -63,6 +65,27 @@ def test_special_tokens_and_digits(tok):
     # the task's words are single tokens
     for word in ("What", "is", "user", "assistant"):
         assert tok.convert_ids_to_tokens(tok.encode(word, add_special_tokens=False)) == [word]
+    assert tok.convert_ids_to_tokens(tok.encode(" is", add_special_tokens=False)) == ["\u0120is"]
+
+
+def test_loads_identically_as_qwen2_tokenizer(tok, tmp_path):
+    """Next to a qwen2 config.json, AutoTokenizer picks Qwen2Tokenizer, which rebuilds the pipeline
+    from the vocabulary and merges: the result must be the very same tokenizer."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=1, num_key_value_heads=1).save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(tmp_path)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    assert loaded.get_vocab() == tok.get_vocab()
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.unk_token_id) == (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id)
+    for text in ("<|im_start|>user\nWhat is 12 + 345?<|im_end|>\n<|im_start|>assistant\n",
+                 "Hello,  wörld!\n\n\tx = 3*(4+5) 日本", "the sum of 7 and 8 is 15<|im_end|>"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert loaded.encode(text, add_special_tokens=False) == ids
+        assert loaded.decode(ids) == text
+    check_tokenizer(tmp_path)
 
 
 def test_chat_template_round_trip(tok, saved_tok_dir):
@@ -87,7 +110,7 @@ def test_chat_template_round_trip(tok, saved_tok_dir):
     assert tok.decode(response) == "357<|im_end|>"
     assert tok.decode(response, skip_special_tokens=True) == "357"
     # arbitrary ASCII text round-trips exactly
-    text = "Hello, world!\n\tx = 3*(4+5) ~ {ok}"
+    text = "Hello, world!\n\tx = 3*(4+5) ~ {ok} \u00e9\u65e5"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
@@ -108,16 +131,14 @@ def test_chat_template_is_append_only(tok):
 
 
 def test_check_tokenizer_rejects_two_token_newline(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     # a byte-level-like vocabulary where "\n" only exists as two pieces ("\\" "n" after escaping)
     vocab = {"<pad>": 0, "<|im_end|>": 1, "<unk>": 2, "\\": 3, "n": 4, "a": 5}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    from tokenizers import normalizers
-
     core.normalizer = normalizers.Replace("\n", "\\n")
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     bad = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>")
     assert len(bad.encode("\n", add_special_tokens=False)) == 2
@@ -240,30 +261,63 @@ def test_reward_loads_standalone_in_fresh_interpreter(tmp_path):
 
 # -------------------------------------------------------------------------------------------- models
 
+QUICK_STEPS = dict(student_steps=2, teacher_steps=3)
 
-def test_quick_build_and_cache(tmp_path):
-    """A barely trained build has the full layout; a second call reuses it; force rebuilds."""
-    out = tmp_path / "assets"
+# Build-mechanics tests use very small models and splits so each build takes about a second.
+TINY = BuildConfig(
+    task=TaskConfig(n_train=32, n_test=8),
+    student=ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+    teacher=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+)
+
+
+def _tiny_build(out, **kw):
+    kw.setdefault("student_steps", 1)
+    kw.setdefault("teacher_steps", 1)
+    return _build_assets(out, seed=0, quiet=True, config=TINY, **kw)
+
+
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock"))
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    """The real build config (models, task) with only a few training steps."""
+    out = tmp_path_factory.mktemp("quick") / "assets"
     t0 = time.time()
-    paths = _build_assets(out, seed=0, quiet=True, student_steps=2, teacher_steps=3)
-    first = time.time() - t0
+    paths = _build_assets(out, seed=0, quiet=True, **QUICK_STEPS)
+    return paths, time.time() - t0
+
+
+def test_quick_build_layout(quick_build):
+    paths, _ = quick_build
     assert isinstance(paths, AssetPaths)
-    assert paths == AssetPaths.under(out.resolve())
+    assert paths == AssetPaths.under(paths.root)
     for p in (paths.train_parquet, paths.test_parquet, paths.reward_fn, paths.manifest):
         assert p.is_file()
+    assert paths.reward_fn.read_bytes() == REWARD_FILE.read_bytes()
     manifest = json.loads(paths.manifest.read_text())
+    assert manifest["config"] == BuildConfig().with_steps(**QUICK_STEPS).to_dict()
     assert manifest["config"]["teacher_train"]["steps"] == 3
-    assert manifest["config"]["student_train"]["steps"] == 2
     for role in ("student", "teacher"):
         acc = manifest["accuracy"][role]
-        assert 0.0 <= acc["greedy"] <= 1.0 and 0.0 <= acc["sampled_t1"] <= 1.0
+        for k in ("greedy", "sampled_t1", "well_formed_greedy", "well_formed_sampled_t1"):
+            assert 0.0 <= acc[k] <= 1.0
+    assert manifest["tokenizer"]["chat_template"] == CHAT_TEMPLATE
+    # the data in the build is the task's data for the seed
+    expected = pd.DataFrame(make_rows(split_pairs(TaskConfig(), 0)["test"], "test"))
+    pd.testing.assert_frame_equal(pd.read_parquet(paths.test_parquet), expected)
     # no temporary directories are left beside the output
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["assets"]
+    assert _siblings(paths.root) == ["assets"]
 
-    # models: Qwen2, float32, untied, right special ids, saved with the tokenizer
+
+def test_quick_build_models(quick_build):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    paths, _ = quick_build
     tok = check_tokenizer(paths.student)
+    assert type(tok).__name__ == "Qwen2Tokenizer"  # how verl's AutoTokenizer loads it
     sizes = {}
     for role in ("student", "teacher"):
         d = getattr(paths, role)
@@ -275,39 +329,66 @@ def test_quick_build_and_cache(tmp_path):
         assert gen.eos_token_id == tok.eos_token_id and gen.pad_token_id == tok.pad_token_id
         model = AutoModelForCausalLM.from_pretrained(d)
         assert next(model.parameters()).dtype == torch.float32
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
         sizes[role] = sum(p.numel() for p in model.parameters())
         assert load_tokenizer(d).get_vocab() == tok.get_vocab()
+        assert load_tokenizer(d).chat_template == CHAT_TEMPLATE
     assert sizes["teacher"] > 2 * sizes["student"]
 
-    # the reward copy is the package's file
-    assert paths.reward_fn.read_bytes() == REWARD_FILE.read_bytes()
 
-    # second call: cache hit, nothing rebuilt
+def test_quick_build_cache_hit_and_cli(quick_build, capsys):
+    from tip_verl.assets import cli
+
+    paths, first = quick_build
     mtime = paths.manifest.stat().st_mtime_ns
     t0 = time.time()
-    again = _build_assets(out, seed=0, quiet=True, student_steps=2, teacher_steps=3)
-    assert again == paths
+    assert _build_assets(paths.root, seed=0, quiet=True, **QUICK_STEPS) == paths
     assert time.time() - t0 < min(2.0, first / 2)
     assert paths.manifest.stat().st_mtime_ns == mtime
 
-    # a different config does not reuse the build; the replacement is complete
-    _build_assets(out, seed=0, quiet=True, student_steps=2, teacher_steps=4)
-    assert json.loads(paths.manifest.read_text())["config"]["teacher_train"]["steps"] == 4
-    # force rebuilds even when the config matches
-    mtime = paths.manifest.stat().st_mtime_ns
-    _build_assets(out, seed=0, quiet=True, force=True, student_steps=2, teacher_steps=4)
-    assert paths.manifest.stat().st_mtime_ns != mtime
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["assets"]
+    # the CLI on the same build: a cache hit that prints the paths and both accuracies
+    rc = cli.main(["--out", str(paths.root), "--quiet", "--student-steps", "2", "--teacher-steps", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"student: {paths.student}" in text and f"teacher: {paths.teacher}" in text
+    assert f"reward_fn: {paths.reward_fn}" in text
+    assert re.search(r"teacher accuracy: greedy \d\.\d{3}, sampled\(T=1\) \d\.\d{3}", text)
+    assert re.search(r"student accuracy: greedy \d\.\d{3}, sampled\(T=1\) \d\.\d{3}", text)
+    assert paths.manifest.stat().st_mtime_ns == mtime
 
 
-def test_incomplete_build_is_not_reused(tmp_path):
+def test_rebuild_on_incomplete_changed_or_forced(tmp_path):
     out = tmp_path / "assets"
-    paths = _build_assets(out, seed=0, quiet=True, student_steps=1, teacher_steps=1)
+    paths = _tiny_build(out)
+    stamp = lambda: paths.manifest.stat().st_mtime_ns  # noqa: E731
+
+    # an incomplete build is not reused
     (paths.teacher / "model.safetensors").unlink()
-    mtime = paths.manifest.stat().st_mtime_ns
-    _build_assets(out, seed=0, quiet=True, student_steps=1, teacher_steps=1)
-    assert (paths.teacher / "model.safetensors").is_file()
-    assert paths.manifest.stat().st_mtime_ns != mtime
+    before = stamp()
+    _tiny_build(out)
+    assert (paths.teacher / "model.safetensors").is_file() and stamp() != before
+
+    # a different config (or seed) is not reused
+    before = stamp()
+    _tiny_build(out, teacher_steps=2)
+    assert json.loads(paths.manifest.read_text())["config"]["teacher_train"]["steps"] == 2 and stamp() != before
+    before = stamp()
+    _tiny_build(out, teacher_steps=2)
+    assert stamp() == before  # same config: reused
+    _build_assets(out, seed=1, quiet=True, config=TINY, student_steps=1, teacher_steps=2)
+    assert json.loads(paths.manifest.read_text())["seed"] == 1
+
+    # force rebuilds even when everything matches
+    before = stamp()
+    _build_assets(out, seed=1, quiet=True, force=True, config=TINY, student_steps=1, teacher_steps=2)
+    assert stamp() != before
+    assert _siblings(out) == ["assets"]
+
+    # a stale reward copy is refreshed without a rebuild
+    paths.reward_fn.write_text("# stale\n")
+    before = stamp()
+    _build_assets(out, seed=1, quiet=True, config=TINY, student_steps=1, teacher_steps=2)
+    assert stamp() == before and paths.reward_fn.read_bytes() == REWARD_FILE.read_bytes()
 
 
 def test_refuses_to_replace_foreign_dir_and_cleans_leftovers(tmp_path):
@@ -315,15 +396,28 @@ def test_refuses_to_replace_foreign_dir_and_cleans_leftovers(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="refusing"):
-        _build_assets(foreign, quiet=True, student_steps=1, teacher_steps=1)
+        _tiny_build(foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
     # a build interrupted mid-way leaves only a hidden temp dir, which the next build removes
     (tmp_path / ".assets.tmp-dead").mkdir()
     (tmp_path / ".assets.tmp-dead" / "manifest.json").write_text("{}")
-    paths = _build_assets(tmp_path / "assets", quiet=True, student_steps=1, teacher_steps=1)
+    paths = _tiny_build(tmp_path / "assets")
     assert paths.manifest.is_file()
     assert not (tmp_path / ".assets.tmp-dead").exists()
+
+
+def test_failed_build_leaves_previous_build_intact(tmp_path):
+    out = tmp_path / "assets"
+    paths = _tiny_build(out)
+    manifest = paths.manifest.read_text()
+    # a config whose data step fails inside the build (too many test problems for 1-digit numbers)
+    bad = dataclasses.replace(TINY, task=TaskConfig(max_digits=1, n_train=32, n_test=64))
+    with pytest.raises(ValueError, match="too few distinct problems"):
+        _build_assets(out, seed=0, quiet=True, config=bad, student_steps=1, teacher_steps=1)
+    assert paths.manifest.read_text() == manifest
+    assert (paths.student / "model.safetensors").is_file()
+    assert _siblings(out) == ["assets"]  # the temporary build dir was removed
 
 
 def test_default_dir_and_env(monkeypatch, tmp_path):
@@ -335,6 +429,9 @@ def test_default_dir_and_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TIP_VERL_ASSETS", str(tmp_path / "x"))
     assert resolve_out_dir() == (tmp_path / "x").resolve()
     assert resolve_out_dir(tmp_path / "y") == (tmp_path / "y").resolve()
+    # build_assets() with no out_dir uses the env var
+    _tiny_build(None)
+    assert (tmp_path / "x" / "manifest.json").is_file()
 
 
 def test_training_learns_the_format(tok):
@@ -343,28 +440,12 @@ def test_training_learns_the_format(tok):
     test_pairs = split_pairs(cfg, 0)["test"][:32]
     model = M.build_model(BuildConfig().student, tok, seed=0)
     before = M.generate_answers(model, tok, test_pairs, do_sample=False)
-    stats = M.train(model, tok, training_stream(cfg, 0, set(test_pairs), "t"), M.TrainConfig(steps=40, batch_size=32, lr=3e-3), seed=0)
+    stats = M.train(model, tok, training_stream(cfg, 0, set(test_pairs), "t"),
+                    M.TrainConfig(steps=40, batch_size=32, lr=3e-3), seed=0)
     after = M.generate_answers(model, tok, test_pairs, do_sample=False)
     assert stats["final_loss"] < 2.5
     assert sum(map(M.response_is_well_formed, after)) > sum(map(M.response_is_well_formed, before))
     assert sum(map(M.response_is_well_formed, after)) >= 0.9 * len(after)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_prints_paths_and_accuracies(tmp_path, capsys):
-    from tip_verl.assets import cli
-
-    out = tmp_path / "assets"
-    _build_assets(out, seed=0, quiet=True, student_steps=1, teacher_steps=1)
-    # the CLI with the default config would rebuild; use the test hook for the step counts
-    rc = cli.main(["--out", str(out), "--quiet", "--student-steps", "1", "--teacher-steps", "1"])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert f"student: {out.resolve() / 'student'}" in text
-    assert re.search(r"teacher accuracy: greedy \d\.\d{3}, sampled\(T=1\) \d\.\d{3}", text)
-    assert re.search(r"student accuracy: greedy \d\.\d{3}, sampled\(T=1\) \d\.\d{3}", text)
 
 
 # ---------------------------------------------------------------------------------- full build (slow)

@@ -260,6 +260,26 @@ def test_abort_and_resume(loop, server, prompt_ids):
     assert out.stop_reason == "completed" and 1 <= len(out.token_ids) <= 4
 
 
+def test_abort_stops_a_running_generation(loop, student, prompt_ids):
+    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+
+    srv = HFRolloutServer(_rollout_config(response_length=1024), student)
+
+    async def scenario():
+        task = asyncio.ensure_future(srv.generate(prompt_ids[0], {"temperature": 1.0, "ignore_eos": True, "seed": 0}, "long"))
+        while not srv._running:  # wait until the request is inside a running batch
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        res = await srv.abort_all_requests()
+        return res, await task
+
+    res, out = loop.run_until_complete(scenario())
+    assert res["request_ids"] == ["long"]
+    assert out.stop_reason == "aborted" and 0 < len(out.token_ids) < 1024
+    loop.run_until_complete(srv.resume_generation())
+    assert gen(loop, srv, prompt_ids[0], "after", temperature=1.0, max_tokens=4).stop_reason == "completed"
+
+
 # ----------------------------------------------------------------------------------------------
 # registration: only with the CPU platform selected; GPU jobs untouched
 # ----------------------------------------------------------------------------------------------

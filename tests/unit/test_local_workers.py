@@ -177,6 +177,23 @@ def test_checks_reject_a_tokenizer_whose_newline_is_not_one_token(tmp_path, tiny
         check_tokenizer(str(model_dir), role="student model")
 
 
+def test_cpu_engine_checks_the_tokenizer_before_loading_the_model(tmp_path, tiny_assets, workers):
+    """The FSDP engine registered for device "cpu" runs the start-up checks in verl's worker."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tip_verl.verl_adapter.cpu.checks import CPUSetupError
+    from tip_verl.verl_adapter.local_workers import build_local_workers
+
+    core = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<|im_end|>": 1, "a": 2}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model_dir = tmp_path / "bad_tok"
+    shutil.copytree(tiny_assets.student, model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>").save_pretrained(model_dir)
+    with pytest.raises(CPUSetupError, match="actor model tokenizer.*newline"):
+        build_local_workers(str(model_dir), with_ref=False, check=False)  # no up-front checks: the engine's
+
+
 def test_checks_refuse_the_cpu_platform_on_a_cuda_machine(monkeypatch):
     from tip_verl.verl_adapter.cpu import checks
 

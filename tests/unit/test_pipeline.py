@@ -236,3 +236,16 @@ def test_package_exports_and_no_verl_import():
             "'tip_verl.verl_adapter', 'tip_verl.assets'))]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_zero_size_batches(shape):
+    z = torch.zeros(shape)
+    kw = dict(entropy_nats=z, vocab_size=VOCAB, student_logprobs=z, teacher_logprobs=z,
+              response_mask=torch.zeros(shape, dtype=torch.bool))
+    for method in METHODS:
+        sel = select_for_batch(_cfg(method), **kw)
+        assert sel.keep_mask.shape == shape and sel.metrics["tip/valid_count"] == 0.0
+    cfg = TIPConfig(method="entropy_sample", sampling_mode="poisson", importance_weighting=True)
+    sel = select_for_batch(cfg, **kw)
+    assert sel.loss_weights.shape == shape and sel.metrics["tip/loss_weight_max"] == 0.0

@@ -37,6 +37,10 @@ ENGINES = {
     "rmpad": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False},
     "padded": {"use_remove_padding": False, "use_fused_kernels": False, "tied": False},
     "tied_rmpad": {"use_remove_padding": True, "use_fused_kernels": False, "tied": True},
+    # packed micro-batches right-padded to a bucket multiple (engine_config.pad_to_length)
+    "rmpad_pad_to_length": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False,
+                            "overrides": ["actor_rollout_ref.actor.pad_to_length=True",
+                                          "actor_rollout_ref.actor.fsdp_config.pad_to_length_bucket=16"]},
     "fused_rmpad": {"use_remove_padding": True, "use_fused_kernels": True, "tied": True},
     "fused_padded": {"use_remove_padding": False, "use_fused_kernels": True, "tied": True},
 }
@@ -164,6 +168,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         ]
         if opts["use_fused_kernels"]:
             overrides.append("actor_rollout_ref.model.fused_kernel_options.impl_backend=torch")
+        overrides += opts.get("overrides", [])
         cfg = tm.actor_config(model_paths[opts["tied"]], overrides)
         plain = ActorRolloutRefWorker(config=cfg.copy(), role="actor")
         plain.init_model()
@@ -223,6 +228,14 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
                 fb[name] = {"loss": losses[-1], "grads": grads, "rows": rows}
             fb["warnings"] = list(records.messages)
             results["fallback_runtime"] = fb
+
+            # the switch TIP_VERL_SPARSE_LM_HEAD=0 restores verl's full computation
+            os.environ["TIP_VERL_SPARSE_LM_HEAD"] = "0"
+            try:
+                _, _, rows = run_update(sparse, tm.update_batch(rollout, keep, seed=1), **run)
+            finally:
+                del os.environ["TIP_VERL_SPARSE_LM_HEAD"]
+            results["switched_off_rows"] = rows
 
             # fallback: an engine that is not a causal-LM FSDP engine is left as it is, warned once
             records.messages.clear()
@@ -322,6 +335,10 @@ def test_fallback_warns_once_and_stays_exact(results):
     _assert_close(fb["sparse"]["loss"], fb["plain"]["loss"], "fallback loss")
     for name, g in fb["plain"]["grads"].items():
         _assert_close(fb["sparse"]["grads"][name], g, f"fallback grad {name}")
+
+
+def test_environment_switch_turns_it_off(results):
+    assert sum(results["switched_off_rows"]) == sum(PROMPT_LENS) + sum(RESPONSE_LENS)
 
 
 def test_uncovered_engine_is_left_alone_with_one_warning(results):

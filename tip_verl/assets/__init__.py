@@ -103,9 +103,10 @@ DEFAULT_BUILD_CONFIG = BuildConfig()
 
 
 def _tokenizer_fingerprint() -> str:
-    from .tokenizer import BASE_CHARS, SPECIAL_TOKENS, WORDS
+    from .tokenizer import PRETOKENIZE_REGEX, SPECIAL_TOKENS, _vocab_and_merges
 
-    blob = json.dumps([SPECIAL_TOKENS, BASE_CHARS, WORDS, CHAT_TEMPLATE])
+    vocab, merges = _vocab_and_merges()
+    blob = json.dumps([SPECIAL_TOKENS, sorted(vocab.items()), merges, PRETOKENIZE_REGEX, CHAT_TEMPLATE])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -281,7 +282,7 @@ def _build_into(paths: AssetPaths, *, key: dict, config: BuildConfig, seed: int,
 
     from . import models as M
     from .task import training_stream, write_parquets
-    from .tokenizer import build_tokenizer, load_tokenizer
+    from .tokenizer import build_tokenizer
 
     t_start = time.time()
     with _torch_threads(config.num_threads):
@@ -305,17 +306,18 @@ def _build_into(paths: AssetPaths, *, key: dict, config: BuildConfig, seed: int,
             n_params = sum(p.numel() for p in model.parameters())
             log(f"{role}: Qwen2 hidden={mcfg.hidden_size} layers={mcfg.num_layers} ({n_params} params), "
                 f"{tcfg.steps} training steps")
-            stats = M.train(model, tok, training_stream(config.task, seed, exclude, role), tcfg, model_seed, log=log)
             model_dir = getattr(paths, role)
+            # Save first and check the tokenizer as verl will load it (AutoTokenizer next to a qwen2
+            # config.json), so a tokenizer problem fails the build before any training time is spent.
             model.save_pretrained(str(model_dir))
             tok.save_pretrained(str(model_dir))
+            loaded_tok = _check_saved_tokenizer(tok, model_dir, test_pairs)
+
+            stats = M.train(model, tok, training_stream(config.task, seed, exclude, role), tcfg, model_seed, log=log)
+            model.save_pretrained(str(model_dir))
             del model
 
             # Measure what was saved, loaded the way verl loads it.
-            loaded_tok = check_tokenizer(load_tokenizer(model_dir))
-            probe = M.encode_prompt(tok, *test_pairs[0])
-            if M.encode_prompt(loaded_tok, *test_pairs[0]) != probe:
-                raise RuntimeError(f"{role}: the saved tokenizer does not reproduce the built one")
             loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
             greedy = M.generate_answers(loaded, loaded_tok, test_pairs, do_sample=False)
             sampled = M.generate_answers(loaded, loaded_tok, test_pairs, do_sample=True, seed=seed)
@@ -371,6 +373,19 @@ def _build_into(paths: AssetPaths, *, key: dict, config: BuildConfig, seed: int,
     tmp_manifest = paths.manifest.with_name(".manifest.json.tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_manifest, paths.manifest)
+
+
+def _check_saved_tokenizer(tok, model_dir: Path, pairs: list):
+    from . import models as M
+    from .tokenizer import load_tokenizer
+
+    loaded = check_tokenizer(load_tokenizer(model_dir))
+    if loaded.get_vocab() != tok.get_vocab():
+        raise RuntimeError(f"{model_dir}: the saved tokenizer's vocabulary differs from the built one")
+    for a, b in pairs[:16]:
+        if M.encode_prompt(loaded, a, b) != M.encode_prompt(tok, a, b):
+            raise RuntimeError(f"{model_dir}: the saved tokenizer encodes prompts differently from the built one")
+    return loaded
 
 
 def _score(responses: list, pairs: list) -> float:

@@ -1,10 +1,12 @@
 """The tiny synthetic task: multi-digit addition with a verifiable answer.
 
-A problem is two numbers drawn uniformly from ``0 .. 10**max_digits - 1`` (1 to ``max_digits``
-digits; the default ``max_digits=2`` keeps the teacher's training within about a minute on two CPU
-cores). The prompt is a single user turn ``"What is 47 + 85?"``; the expected response is the sum's
-digits followed by ``<|im_end|>`` (e.g. ``"132<|im_end|>"``; each digit is one token, so a response
-is at most ``max_digits + 2`` tokens).
+A problem is two numbers of 1..``max_digits`` digits each: the digit count is drawn uniformly, then
+the number uniformly among the numbers with that many digits (so 0-9 are as likely as 10-99, a mix
+of easy and carry-heavy problems that a tiny transformer learns quickly; the default
+``max_digits=2`` keeps the teacher's training to about a minute on two CPU cores). The prompt is a
+single user turn ``"What is 47 + 85?"``; the expected response is the sum's digits followed by
+``<|im_end|>`` (e.g. ``"132<|im_end|>"``; each digit is one token, so a response is at most
+``max_digits + 2`` tokens).
 
 Datasets are written in verl's RL parquet layout (``data_source``, ``prompt``, ``ability``,
 ``reward_model``, ``extra_info``). Train and test problems are disjoint and everything is a
@@ -31,9 +33,14 @@ class TaskConfig:
         return asdict(self)
 
 
+def _sample_number(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
 def sample_pair(rng: random.Random, max_digits: int) -> tuple[int, int]:
-    top = 10**max_digits - 1
-    return rng.randint(0, top), rng.randint(0, top)
+    return _sample_number(rng, max_digits), _sample_number(rng, max_digits)
 
 
 def question(a: int, b: int) -> str:

@@ -2,15 +2,18 @@
 
 Design
 ------
-* Model: byte-pair encoding over a fixed base alphabet of single characters (printable ASCII,
-  ``"\\n"`` and ``"\\t"``), plus merges that turn each of the few words the task and the chat
-  template use (``user``, ``assistant``, ``What``, ...) into one token. Any ASCII text therefore
-  round-trips exactly through encode/decode; other characters map to ``<unk>``.
-* Digits are never merged: every digit is its own token.
-* ``"\\n"`` is exactly one token (verl's ``QwenContinuousTokenBuilder`` requires it).
+* The pipeline is exactly Qwen2's (``transformers``' ``Qwen2Tokenizer``): NFC normalisation, Qwen's
+  pre-tokenisation regex, byte-level BPE, byte-level decoding. This matters: ``AutoTokenizer`` loads a
+  checkpoint whose ``config.json`` says ``model_type: qwen2`` as ``Qwen2Tokenizer``, which rebuilds
+  that pipeline from the saved vocabulary and merges and ignores the saved pre-tokenizer, so any
+  other pipeline would silently change (e.g. ``"\n"`` would encode to nothing).
+* Vocabulary: four special tokens, the 256 byte-level symbols (so any text round-trips exactly and no
+  unknown token is ever needed), and merges that make each of the few words the task and the chat
+  template use (``user``, ``assistant``, ``What``, `` is``, ...) a single token.
+* Digits are never merged (Qwen's regex isolates each digit): every digit is its own token.
+* ``"\n"`` is exactly one token (``"Ċ"``), which verl's ``QwenContinuousTokenBuilder`` requires.
 * Special tokens: ``<|endoftext|>`` (pad, id 0), ``<|im_start|>`` (1), ``<|im_end|>`` (eos, 2),
   ``<unk>`` (3), as in Qwen2 (where ``<|endoftext|>`` is also the pad token).
-* Decoding concatenates tokens (``decoders.Fuse``), so ``decode(encode(s)) == s``.
 """
 
 from __future__ import annotations
@@ -24,24 +27,28 @@ EOS_TOKEN = "<|im_end|>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
-# Base alphabet: "\n", "\t" and printable ASCII (space .. "~"), in a fixed order.
-BASE_CHARS = ("\n", "\t") + tuple(chr(c) for c in range(32, 127))
-
-# Words that become single tokens (chat roles, the task's words, a few common ones).
-WORDS = (
-    "system",
-    "user",
-    "assistant",
-    "tool",
-    "What",
-    "is",
-    "the",
-    "sum",
-    "of",
-    "and",
-    "plus",
-    "Answer",
+# Qwen2's pre-tokenisation regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+
+# Words that become single tokens, both bare and with a leading space (chat roles, the task's words).
+WORDS = (
+    "assistant",
+    "system",
+    "Answer",
+    "What",
+    "user",
+    "tool",
+    "plus",
+    "sum",
+    "and",
+    "the",
+    "of",
+    "is",
+)
+# Punctuation pieces with a leading space that the prompts use.
+SPACED_SYMBOLS = ("+", "=")
 
 # Qwen2-style ChatML template (no default system prompt, no tool rendering). Message content may
 # be a string or a list of {"type": "text", "text": ...} parts. Every turn ends with
@@ -66,14 +73,48 @@ CHAT_TEMPLATE = (
 TokenizerLike = Any
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/Qwen byte-level alphabet: byte value -> printable unicode symbol (fixed order)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+    bs += list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _byte_level(text: str) -> str:
+    table = bytes_to_unicode()
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def _merge_forms() -> list[str]:
+    """Byte-level forms that must be single tokens; longer forms first (see ``_vocab_and_merges``)."""
+    forms = []
+    for word in WORDS:
+        forms += [_byte_level(" " + word), _byte_level(word)]
+    forms += [_byte_level(" " + sym) for sym in SPACED_SYMBOLS]
+    return sorted(forms, key=lambda f: (-len(f), f))
+
+
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     vocab: dict[str, int] = {}
-    for tok in SPECIAL_TOKENS + BASE_CHARS:
+    for tok in SPECIAL_TOKENS:
         vocab[tok] = len(vocab)
+    table = bytes_to_unicode()
+    for b in range(256):
+        vocab[table[b]] = len(vocab)
+    # Each form is built by a left-to-right chain of merges (prefix, next symbol). Chains of longer
+    # forms get lower ranks, so while a form is being merged its own next merge always wins over
+    # merges of shorter words that match inside it; build_tokenizer() verifies every form is one token.
     merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        prefix = word[0]
-        for ch in word[1:]:
+    for form in _merge_forms():
+        prefix = form[0]
+        for ch in form[1:]:
             merged = prefix + ch
             if merged not in vocab:
                 vocab[merged] = len(vocab)
@@ -84,15 +125,30 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_tokenizer():
     """Build the tiny tokenizer as a ``transformers.PreTrainedTokenizerFast``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab, merges = _vocab_and_merges()
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, fuse_unk=False))
-    # Letters runs are BPE words (so merges only apply inside them); every other character
-    # (digits, spaces, "\n", punctuation) is its own piece.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    core = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
 
     tok = PreTrainedTokenizerFast(
@@ -107,6 +163,11 @@ def build_tokenizer():
         model_max_length=512,
     )
     tok.chat_template = CHAT_TEMPLATE
+    for word in WORDS:
+        for text in (word, " " + word):
+            ids = tok.encode(text, add_special_tokens=False)
+            if len(ids) != 1:  # a merge-order bug, not a runtime condition
+                raise AssertionError(f"tokenizer build: {text!r} is not one token: {ids}")
     return tok
 
 

@@ -71,7 +71,7 @@ def ensure_cpu_platform() -> None:
 
     from tip_verl.verl_adapter import cpu
 
-    cpu.register()  # no-op if the entry point already did it
+    cpu.register(strict=True)  # no-op if the entry point already did it
     from verl.plugin.platform import get_platform
 
     platform = get_platform()

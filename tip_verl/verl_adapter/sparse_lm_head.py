@@ -21,9 +21,12 @@ How (no verl source edit):
   call) that gathers the final hidden states at those positions, so the lm_head (or, on the
   fused-kernel path, ``FusedLinearForPPO`` / ``linear_cross_entropy``, whose labels are gathered
   the same way through ``shift_labels``) sees ``(1, K, hidden)`` instead of all tokens. The hook is
-  removed when the step ends.
+  removed when the step ends. The log-probs of the kept rows come from verl's
+  ``logprobs_from_logits`` (flash-attn / NPU kernels where verl has them); where verl would fall
+  back to its row-by-row float32 helper, an equivalent function whose backward reuses the logits'
+  storage for their gradient is used, so the kept rows cost one ``(K, vocab)`` tensor, not three.
 * :class:`SparseLMHeadTrainingWorker` is verl's ``TrainingWorker`` whose engine, built by verl's
-  ``EngineRegistry`` as usual (``engine_workers.py:139``), is upgraded to the sparse variant of
+  ``EngineRegistry`` as usual (``engine_workers.py:136``), is upgraded to the sparse variant of
   its own class before it is initialised. The TIP worker sets it as ``actor_worker_cls``; nothing
   is registered globally, so verl jobs that do not use TIP are untouched.
 
@@ -169,6 +172,62 @@ def kept_logit_positions(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
     first_logit = cu_seqlens[:-1] + seq_lens - response_lens - 1  # predicts response token 0
     positions = first_logit[seq_index] + token_index
     return positions.long(), seq_index.long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of the kept rows
+# ---------------------------------------------------------------------------------------------
+class _LogProbsInplaceBackward(torch.autograd.Function):
+    """``log_softmax(logits)[label]`` per row; the backward turns the saved logits into their gradient.
+
+    Same math as verl's ``logprobs_from_logits_v2`` for float32 (``x_label - logsumexp(x)``), but the
+    backward needs no new ``(rows, vocab)`` tensors: it overwrites the logits it saved (nothing else
+    reads them) with ``-g * softmax`` and adds ``g`` at the labels, as flash-attn's cross-entropy with
+    ``inplace_backward=True`` does on GPUs. verl's row-by-row fallback instead keeps the logits plus
+    two more full-size gradient buffers alive in the backward.
+    """
+
+    CHUNK_ROWS = 64
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        lse = logits.new_empty(logits.shape[0])
+        for start in range(0, logits.shape[0], _LogProbsInplaceBackward.CHUNK_ROWS):
+            stop = start + _LogProbsInplaceBackward.CHUNK_ROWS
+            lse[start:stop] = torch.logsumexp(logits[start:stop], dim=-1)
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        grad = logits  # reused storage: d/dx (x_label - lse) = onehot(label) - softmax(x)
+        grad_output = grad_output.to(grad.dtype)
+        for start in range(0, grad.shape[0], _LogProbsInplaceBackward.CHUNK_ROWS):
+            stop = start + _LogProbsInplaceBackward.CHUNK_ROWS
+            rows = grad[start:stop]
+            rows.sub_(lse[start:stop].unsqueeze(-1)).exp_().mul_(-grad_output[start:stop].unsqueeze(-1))
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_output.unsqueeze(-1))
+        return grad, None
+
+
+def _kept_log_probs(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
+    """Log-probs of ``labels`` under ``logits`` (K, vocab), as verl's ``logprobs_from_logits``.
+
+    Where verl would take its row-by-row fallback (no flash-attn / NPU kernel) for float32 logits
+    whose storage is free to reuse, the in-place-backward variant above is used instead.
+    """
+    if (
+        inplace_backward
+        and logits.dtype in (torch.float32, torch.float64)
+        and not getattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False)
+        and not getattr(verl_F, "NPU_CROSS_ENTROPY_LOSS_AVAILABLE", False)
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+    ):
+        return _LogProbsInplaceBackward.apply(logits, labels)
+    return logprobs_from_logits(logits=logits, labels=labels, inplace_backward=inplace_backward)
 
 
 @dataclass
@@ -375,9 +434,8 @@ class SparseLMHeadMixin:
                         )
                     else:
                         entropy_k = self.compute_entropy_from_logits(logits)
-                log_probs_k = logprobs_from_logits(
-                    logits=logits, labels=plan.labels, inplace_backward=not plan.calculate_entropy
-                )
+                # entropy reads the logits in its backward: then they must not be overwritten
+                log_probs_k = _kept_log_probs(logits, plan.labels, inplace_backward=not plan.calculate_entropy)
         if log_probs_k.shape[0] != num_kept:
             raise RuntimeError(
                 f"tip_verl sparse lm_head: got {log_probs_k.shape[0]} log-probs for {num_kept} kept positions"

@@ -11,6 +11,7 @@ override_config ...) and verl's own ref engine settings (param offload, micro-ba
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -101,9 +102,8 @@ class TeacherRefWorker(ActorRolloutRefWorker):
 
         class _TeacherTrainingWorker(TrainingWorker):
             def __init__(self, config):
-                # verl passes a TrainingWorkerConfig whose model_config is a copy of the actor's.
-                config.model_config = teacher_config
-                super().__init__(config)
+                # verl passes a (frozen) TrainingWorkerConfig whose model_config is a copy of the actor's.
+                super().__init__(dataclasses.replace(config, model_config=teacher_config))
 
         self.ref_worker_cls = _TeacherTrainingWorker
         self.teacher_path = teacher_path

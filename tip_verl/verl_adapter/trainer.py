@@ -31,7 +31,6 @@ from verl.workers.utils.padding import response_to_nested
 
 from .opd import opd_step
 from .opd_config import ADV_ESTIMATOR, TRAINER_MODE, TIPConfigError, validate_verl_config
-from .teacher import TEACHER_PATH_KEY, TeacherRefWorker, check_teacher_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,10 @@ class TIPTrainerMixin:
     """Turns a verl V1 trainer into OPD with the ref as teacher and TIP token selection."""
 
     def __init__(self, config):
+        # Imported here: this module is imported by the verl.plugins entry point during `import verl`,
+        # and teacher.py imports verl itself.
+        from .teacher import TEACHER_PATH_KEY, check_teacher_compatible
+
         self.tip = validate_verl_config(config)
         student_path = config.actor_rollout_ref.model.path
         sizes = check_teacher_compatible(
@@ -56,6 +59,8 @@ class TIPTrainerMixin:
         logger.warning("tip_verl: OPD with TIP, teacher=%s, selection=%s", self.tip.teacher_path, self.tip.to_dict())
 
     def _init_resource_pool_mgr(self):
+        from .teacher import TeacherRefWorker
+
         super()._init_resource_pool_mgr()
         mapping, pools = self.role_worker_mapping, self.mapping
         if Role.ActorRollout in mapping:  # verl chose no ref: give the hybrid worker one, built from the teacher

@@ -11,11 +11,11 @@ What :func:`register` does when the CPU platform is selected, all through verl's
 2. ``EngineRegistry.register(..., device="cpu")`` -> verl's FSDP engines with start-up checks.
 3. ``RolloutReplicaRegistry.register("hf", ...)`` and the rollout-adapter table -> the Hugging Face
    ``generate`` rollout server (:mod:`.hf_rollout`), ``actor_rollout_ref.rollout.name=hf``.
-4. Three small named patches (:mod:`.patches`), each documented with the verl line it works around.
+4. Four small named patches (:mod:`.patches`), each documented with the verl line it works around.
 
 It is called from the ``verl.plugins`` entry point on every ``import verl`` (driver and Ray
 workers). verl swallows plugin import errors at debug level, so failures are logged here at
-WARNING before being re-raised.
+WARNING (and re-raised only with ``strict=True``).
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def register_rollout() -> None:
     )
 
 
-def register(force: bool = False) -> bool:
+def register(force: bool = False, strict: bool = False) -> bool:
     """Register the CPU backend with verl if the CPU platform is selected (or ``force``).
 
-    Returns True when registered. Idempotent.
+    Returns True when registered. Idempotent. A failure is logged at WARNING (with the traceback)
+    and, unless ``strict``, not raised: the ``verl.plugins`` entry point must not stop other
+    registrations, and verl would hide the exception anyway; verl then reports the missing ``cpu``
+    platform ("Unknown platform 'cpu'") right after the warning.
     """
     global _registered
     if _registered:
@@ -86,7 +89,9 @@ def register(force: bool = False) -> bool:
             register_rollout()
     except Exception:
         logger.warning("tip_verl: registering the CPU backend with verl failed at step %r", step, exc_info=True)
-        raise
+        if strict:
+            raise
+        return False
     _registered = True
     logger.debug("tip_verl: CPU backend registered (patches: %s)", patches.applied_patches())
     return True

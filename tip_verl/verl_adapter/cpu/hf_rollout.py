@@ -34,12 +34,14 @@ Concurrency: requests are queued and a single scheduler task batches whatever is
 ``max_num_seqs``), groups it by sampling parameters and runs one left-padded ``generate`` per group
 in a worker thread. Weight updates and generation take the same lock, so a weight update never
 lands in the middle of a batch. ``abort_all_requests`` stops in-flight generation at the next token
-(a stopping criterion) and returns the partial tokens with ``stop_reason="aborted"``.
+(a stopping criterion) and returns the partial tokens with ``stop_reason="aborted"``; queued requests
+are answered ``aborted`` with no tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -210,8 +212,7 @@ class HFGenerator:
         if pad is None:
             pad = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else (self.eos_token_ids or (0,))[0]
         self.pad_token_id = int(pad)
-        self.abort_rows: set[int] = set()  # rows of the running batch to stop at the next token
-        self.abort_all = threading.Event()
+        self.abort_all = threading.Event()  # set -> the running generate stops at the next token
 
     # ------------------------------------------------------------------ padding helpers
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,13 +262,7 @@ class HFGenerator:
 
         class _Abort(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-                if generator.abort_all.is_set():
-                    done[:] = True
-                elif generator.abort_rows:
-                    for row in generator.abort_rows:
-                        done[row * spec.n : (row + 1) * spec.n] = True
-                return done
+                return torch.full((input_ids.shape[0],), generator.abort_all.is_set(), dtype=torch.bool)
 
         gen_kwargs = dict(
             input_ids=ids,
@@ -293,7 +288,7 @@ class HFGenerator:
             # Without EOS ids HF would fall back to the model's generation_config; an impossible
             # id list is not accepted either, so disable EOS stopping explicitly.
             gen_kwargs["eos_token_id"] = None
-        ctx = torch.random.fork_rng() if spec.seed is not None else _nullcontext()
+        ctx = torch.random.fork_rng() if spec.seed is not None else contextlib.nullcontext()
         with ctx:
             if spec.seed is not None:
                 torch.manual_seed(spec.seed)
@@ -317,7 +312,7 @@ class HFGenerator:
                         cut, finish = pos + 1, "stop"
                         break
                 if finish == "length" and cut < max_tokens:
-                    finish = "abort" if (aborted or i in self.abort_rows) else "length"
+                    finish = "abort" if aborted else "length"
                 toks = toks[:cut]
                 lps = None
                 if step_lp is not None:
@@ -345,14 +340,6 @@ class HFGenerator:
         if loaded == 0:
             raise ValueError("hf rollout: weight update carried no tensors")
         return {"loaded": loaded}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +416,6 @@ class HFRolloutServer:
         self._admission.set()
         self._reject_when_paused = False
         self._scheduler: Optional[asyncio.Task] = None
-        self._row_of: dict[int, int] = {}  # id(request) -> row of the running generate call
         self.stats = {"batches": 0, "requests": 0, "max_batch": 0, "weight_updates": 0}
 
     # ------------------------------------------------------------------ plumbing
@@ -505,8 +491,6 @@ class HFRolloutServer:
                             r.future.set_exception(e)
                 finally:
                     self._running = []
-                    self._row_of = {}
-                    self.generator.abort_rows = set()
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         self.stats["batches"] += 1
@@ -529,8 +513,6 @@ class HFRolloutServer:
                     res = await asyncio.to_thread(self.generator.prompt_logprobs, [r.prompt_ids for r in rs], k)
                     prompt_lp.update({id(r): v for r, v in zip(rs, res)})
                 max_tokens = max(r.max_tokens for r in live)
-                self.generator.abort_rows = set()
-                self._row_of = {id(r): i for i, r in enumerate(live)}
                 results = await asyncio.to_thread(self.generator.generate, [r.prompt_ids for r in live], spec, max_tokens)
             except Exception as e:  # noqa: BLE001 - delivered to the callers
                 for r in live:
@@ -618,18 +600,14 @@ class HFRolloutServer:
         return {"aborted_count": len(ids), "request_ids": ids}
 
     async def abort_request(self, request_id: str, **kwargs) -> dict[str, Any]:
+        """Abort one queued request (a request already inside a running batch completes normally)."""
         for r in list(self._pending):
             if r.request_id == request_id and not r.future.done():
                 self._pending.remove(r)
                 r.future.set_result(self._aborted_output())
                 return {"aborted": True, "request_id": request_id}
-        for r in self._running:
-            if r.request_id == request_id:
-                row = self._row_of.get(id(r))
-                if row is not None:
-                    self.generator.abort_rows.add(row)
-                    return {"aborted": True, "request_id": request_id}
-        return {"aborted": False, "request_id": request_id}
+        running = any(r.request_id == request_id for r in self._running)
+        return {"aborted": False, "request_id": request_id, "error": "running" if running else "not found"}
 
     async def resume_generation(self) -> None:
         self._reject_when_paused = False

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# verl's own trainer (python -m verl.trainer.main_ppo, V1 trainer) on the host CPU, on tip_verl's
+# tiny assets (a tiny Qwen2 student and a trained, larger Qwen2 teacher on multi-digit addition).
+# A few steps, a few minutes on 2 cores, no GPU, no network. Called by the recipes beside it:
+#
+#   examples/cpu/tiny_main_ppo.sh opd  [hydra overrides...]   # OPD with TIP (run_tiny_opd.sh)
+#   examples/cpu/tiny_main_ppo.sh grpo [hydra overrides...]   # plain GRPO   (run_tiny_grpo.sh)
+#
+# Caller's overrides are appended last, so they win (e.g. trainer.total_training_steps=2, +tip.ratio=0.2).
+#
+# Environment: PYTHON (interpreter, default: the repo's .venv if present), ASSETS_DIR (where the tiny
+# assets are built/cached; default: tip_verl.assets' own cache), RUN_DIR (logs + Hydra outputs).
+#
+# The CPU platform, the hf rollout and every CPU-specific flag come from ONE place:
+# tip_verl/verl_adapter/cpu_overrides.py (env: --env, Hydra overrides: default output).
+set -euo pipefail
+
+RECIPE="${1:?usage: tiny_main_ppo.sh opd|grpo [hydra overrides...]}"; shift
+case "$RECIPE" in
+  opd|grpo) ;;
+  *) echo "tiny_main_ppo.sh: unknown recipe '$RECIPE' (use opd or grpo)" >&2; exit 2 ;;
+esac
+TAG="run_tiny_$RECIPE"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  # A fresh machine: create the project's .venv first (no-op when it is up to date).
+  if [[ -z "${TIP_VERL_NO_SETUP:-}" ]]; then bash "$REPO/scripts/setup_env.sh"; fi
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+RUN_DIR="${RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/tip_verl_tiny_$RECIPE.XXXXXX")}"
+mkdir -p "$RUN_DIR"
+LOG="$RUN_DIR/main_ppo.log"
+START=$(date +%s)
+
+# 1. CPU environment (VERL_PLATFORM=cpu selects tip_verl's CPU platform; offline; no wandb)
+CPU_ENV="$("$PYTHON" -m tip_verl.verl_adapter.cpu_overrides --env)"   # (assignments keep set -e effective)
+eval "$CPU_ENV"
+CPU_OVERRIDES_TEXT="$("$PYTHON" -m tip_verl.verl_adapter.cpu_overrides)"
+mapfile -t CPU_OVERRIDES <<<"$CPU_OVERRIDES_TEXT"
+
+# 2. Tiny assets (`python -m tip_verl.assets` builds them on first use, then reuses the cache) and the
+#    CPU start-up checks (a bad set-up stops here with a clear message).
+ASSETS_JSON="$("$PYTHON" -m tip_verl.assets --json ${ASSETS_DIR:+--out "$ASSETS_DIR"})"
+ASSET_VARS="$(ASSETS_JSON="$ASSETS_JSON" "$PYTHON" - <<'PY'
+import json, os, shlex
+from tip_verl.verl_adapter.cpu.checks import run_startup_checks
+
+paths = json.loads(os.environ["ASSETS_JSON"])["paths"]
+run_startup_checks({"student model": paths["student"], "teacher model": paths["teacher"]})
+for key in ("root", "student", "teacher", "train_parquet", "test_parquet", "reward_fn"):
+    print(f"ASSET_{key.upper()}={shlex.quote(paths[key])}")
+PY
+)"
+eval "$ASSET_VARS"
+echo "[$TAG] assets: $ASSET_ROOT"
+echo "[$TAG] log:    $LOG"
+
+# 3. verl's trainer: CPU overrides first, then the recipe, then the caller's overrides.
+if [[ "$RECIPE" == opd ]]; then
+  # On-policy distillation with TIP: the ref model is the teacher; keep 50% of tokens by Soft-OR.
+  RECIPE_OVERRIDES=(
+    trainer.v1.trainer_mode=tip_sync
+    algorithm.adv_estimator=tip_opd
+    +tip.teacher_path="$ASSET_TEACHER"
+    +tip.method=soft_or
+    +tip.ratio=0.5
+    actor_rollout_ref.actor.use_kl_loss=False
+    actor_rollout_ref.actor.entropy_coeff=0
+    actor_rollout_ref.actor.optim.lr=1e-3
+  )
+  SUMMARY_KEYS="critic/score/mean actor/pg_loss tip/kept_fraction tip/reverse_kl_mean tip/kept_reverse_kl_mean tip/q3_share tip/q3_kept_share timing_s/step"
+else
+  RECIPE_OVERRIDES=(
+    algorithm.adv_estimator=grpo
+    actor_rollout_ref.actor.use_kl_loss=True
+    actor_rollout_ref.actor.kl_loss_coef=0.01
+    actor_rollout_ref.actor.optim.lr=1e-4
+  )
+  SUMMARY_KEYS="critic/score/mean actor/pg_loss actor/kl_loss actor/entropy response_length/mean timing_s/step"
+fi
+set +e
+"$PYTHON" -m verl.trainer.main_ppo \
+  "${CPU_OVERRIDES[@]}" \
+  hydra.run.dir="$RUN_DIR/hydra" \
+  data.train_files="$ASSET_TRAIN_PARQUET" \
+  data.val_files="$ASSET_TEST_PARQUET" \
+  data.train_batch_size=4 \
+  data.val_batch_size=8 \
+  data.max_prompt_length=48 \
+  data.max_response_length=8 \
+  data.filter_overlong_prompts=False \
+  actor_rollout_ref.model.path="$ASSET_STUDENT" \
+  actor_rollout_ref.model.enable_gradient_checkpointing=False \
+  actor_rollout_ref.actor.ppo_mini_batch_size=4 \
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
+  actor_rollout_ref.rollout.n=2 \
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 \
+  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8 \
+  reward.custom_reward_function.path="$ASSET_REWARD_FN" \
+  reward.custom_reward_function.name=compute_score \
+  trainer.total_epochs=1 \
+  trainer.total_training_steps=3 \
+  trainer.val_before_train=False \
+  trainer.test_freq=-1 \
+  trainer.save_freq=-1 \
+  trainer.default_local_dir="$RUN_DIR/checkpoints" \
+  trainer.project_name=tip_verl_cpu \
+  trainer.experiment_name="tiny_$RECIPE" \
+  "${RECIPE_OVERRIDES[@]}" \
+  "$@" 2>&1 | tee "$LOG"
+STATUS=${PIPESTATUS[0]}
+set -e
+END=$(date +%s)
+
+# 4. One-line summary from verl's console metrics ("step:N - key:value - ...").
+# shellcheck disable=SC2086  # SUMMARY_KEYS is a word list
+"$PYTHON" -m tip_verl.verl_adapter.console_metrics "$LOG" --tag "$TAG" --status "$STATUS" \
+  --wall "$((END - START))" --keys $SUMMARY_KEYS
+exit "$STATUS"

@@ -1,0 +1,31 @@
+"""End to end: the README main job, OPD with TIP (soft_or, ρ=0.5) through verl's real trainer on the CPU."""
+
+import pytest
+
+from tests.e2e.test_cpu_trainer import run_example, summary_of
+
+
+@pytest.mark.slow
+def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
+    out, steps, wall = run_example("run_tiny_opd.sh", ["trainer.total_training_steps=3"], tiny_assets, tmp_path)
+    assert set(steps) == {1, 2, 3}, out[-4000:]
+    assert "OPD with TIP, teacher=" in out
+    for step, m in steps.items():
+        # about half of the response tokens kept (floor per sequence, at least one each)
+        assert 0.3 <= m["tip/kept_fraction"] <= 0.55, (step, m["tip/kept_fraction"])
+        assert m["tip/kept_count"] >= 1
+        for family in ("share", "kept_share", "divergence_share"):
+            total = sum(m[f"tip/q{i}_{family}"] for i in range(1, 5))
+            assert total == pytest.approx(1.0, abs=1e-6), (step, family, total)
+        for key in ("actor/pg_loss", "actor/grad_norm", "tip/entropy_mean", "tip/divergence_mean",
+                    "tip/score_threshold", "tip/reverse_kl_mean"):
+            assert key in m and m[key] == m[key] and abs(m[key]) < 1e6, (step, key, m.get(key))
+        assert "actor/kl_loss" not in m  # no KL-to-ref loss: the ref is the teacher
+    # Step 1 scores the initial student's own rollouts: a ref built from the student would give
+    # identical log-probs (divergence exactly 0). The teacher disagrees.
+    assert steps[1]["tip/divergence_mean"] > 1e-3
+    assert abs(steps[1]["tip/reverse_kl_mean"]) > 1e-3
+    summary = summary_of(out, "run_tiny_opd")
+    assert summary.startswith("[run_tiny_opd] OK: 3 step(s) with metrics; last step 3:"), summary
+    assert "tip/kept_fraction=" in summary
+    assert wall < 600, wall

@@ -1,0 +1,143 @@
+"""OPD with TIP through verl's real workers (single process, CPU, no Ray) on the tiny built-in models.
+
+The ref worker is tip_verl's TeacherRefWorker (the reference model loaded from the teacher checkpoint);
+the update is verl's own update_actor with its ppo_loss, fed the advantages and keep-mask that the
+tip_sync trainer computes on the driver.
+"""
+
+import math
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from tip_verl import TIPConfig, normalized_entropy, sampled_token_divergence, select_tokens, token_scores
+from tip_verl.verl_adapter.opd import opd_step
+from tip_verl.verl_adapter.opd_config import TIPRunConfig
+
+PROMPTS = [f"what is {a} plus {b}" for a, b in [(12, 7), (3, 45), (101, 9), (66, 66)]]
+
+
+def _workers(assets):
+    from tip_verl.verl_adapter.local_workers import build_local_workers
+    from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TeacherRefWorker
+
+    w = build_local_workers(str(assets.student), with_ref=False)
+    cfg = w.config.actor_rollout_ref.copy()
+    with open_dict(cfg):
+        cfg[TEACHER_PATH_KEY] = str(assets.teacher)
+    ref = TeacherRefWorker(config=cfg, role="ref")
+    ref.init_model()
+    w.ref = ref
+    return w
+
+
+@pytest.fixture(scope="module")
+def signals(tiny_assets):
+    """A real rollout of the student, its log-probs + entropy, and the teacher's log-probs via the ref."""
+    w = _workers(tiny_assets)
+    batch = w.make_batch(PROMPTS, max_new_tokens=8, temperature=1.0, seed=3)
+    out = w.log_probs(batch, entropy=True)
+    teacher = w.ref_log_probs(batch)
+    w.close()
+    return batch, out["log_probs"], out["entropy"], teacher
+
+
+def _hf_logprobs(path, batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    P = batch["prompts"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+    lp = torch.log_softmax(logits[:, P - 1:-1].float(), -1)
+    return lp.gather(-1, batch["responses"][..., None]).squeeze(-1) * batch["response_mask"]
+
+
+def test_ref_worker_is_the_teacher(tiny_assets, signals):
+    batch, student_lp, _, teacher_lp = signals
+    mask = batch["response_mask"].bool()
+    hf_teacher = _hf_logprobs(tiny_assets.teacher, batch)
+    assert torch.allclose(teacher_lp[mask], hf_teacher[mask], atol=1e-4)
+    # and it is not the student: the teacher assigns clearly different log-probs to the student's tokens
+    assert (teacher_lp - student_lp)[mask].abs().mean() > 0.05
+
+
+def test_kept_tokens_match_select_tokens(tiny_assets, signals):
+    batch, student_lp, entropy, teacher_lp = signals
+    mask = batch["response_mask"].bool()
+    vocab = tiny_assets_vocab(tiny_assets)
+    run = TIPRunConfig.from_mapping({"teacher_path": str(tiny_assets.teacher), "method": "soft_or", "ratio": 0.5})
+    step = opd_step(run, student_logprobs=student_lp, teacher_logprobs=teacher_lp, entropy_nats=entropy,
+                    response_mask=mask, vocab_size=vocab)
+    h = normalized_entropy(entropy, vocab)
+    delta = sampled_token_divergence(student_lp, teacher_lp, mask, "k3")
+    expected = select_tokens(token_scores("soft_or", entropy=h, divergence=delta, response_mask=mask), mask, 0.5)
+    assert torch.equal(step.keep_mask, expected)
+    assert step.keep_mask.sum(1).tolist() == [max(1, math.floor(0.5 * m)) for m in mask.sum(1).tolist()]
+
+
+def tiny_assets_vocab(assets):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(assets.student).vocab_size
+
+
+def _update(assets, batch, advantages, response_mask, old_lp):
+    """Fresh actor from the student checkpoint, one verl update_actor, then its new log-probs."""
+    from tip_verl.verl_adapter.local_workers import build_local_workers
+
+    w = build_local_workers(str(assets.student), with_ref=False, overrides=["actor_rollout_ref.actor.optim.lr=1e-2"])
+    data = batch.clone()
+    data["response_mask"] = response_mask.long()
+    metrics = w.update(data, advantages, old_log_probs=old_lp)
+    new_lp = w.log_probs(batch)["log_probs"]
+    w.close()
+    return metrics, new_lp
+
+
+def _metric(metrics, key):
+    value = metrics[key]
+    values = value if isinstance(value, list) else [value]
+    return float(sum(float(v) for v in values))
+
+
+def test_loss_is_mean_reverse_kl_over_kept_tokens_and_dropped_tokens_get_no_gradient(tiny_assets, signals):
+    batch, student_lp, entropy, teacher_lp = signals
+    mask = batch["response_mask"].bool()
+    run = TIPRunConfig.from_mapping({"teacher_path": str(tiny_assets.teacher), "method": "entropy", "ratio": 0.5})
+    step = opd_step(run, student_logprobs=student_lp, teacher_logprobs=teacher_lp, entropy_nats=entropy,
+                    response_mask=mask, vocab_size=tiny_assets_vocab(tiny_assets))
+    keep = step.keep_mask
+    assert 0 < keep.sum() < mask.sum()
+
+    metrics, lp_masked = _update(tiny_assets, batch, step.advantages, keep, student_lp)
+    # on-policy first step: ratio = 1, so verl's pg_loss = mean over kept tokens of -A = mean k1 (Eq. 7)
+    expected = (student_lp - teacher_lp)[keep].mean().item()
+    assert _metric(metrics, "actor/pg_loss") == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+    # Same keep-mask, but garbage advantages at dropped positions: identical update (no gradient there).
+    noisy = step.advantages.clone()
+    noisy[mask & ~keep] = torch.randn(int((mask & ~keep).sum())) * 50
+    _, lp_noisy = _update(tiny_assets, batch, noisy, keep, student_lp)
+    assert torch.allclose(lp_masked, lp_noisy, atol=1e-6)
+
+    # Control: without the keep-mask the same garbage does change the update.
+    _, lp_unmasked = _update(tiny_assets, batch, noisy, mask, student_lp)
+    assert (lp_unmasked - lp_masked)[mask].abs().max() > 1e-3
+
+
+def test_method_all_equals_plain_opd(tiny_assets, signals):
+    batch, student_lp, entropy, teacher_lp = signals
+    mask = batch["response_mask"].bool()
+    run = TIPRunConfig.from_mapping({"teacher_path": str(tiny_assets.teacher), "method": "all"})
+    assert run.selection == TIPConfig(method="all", ratio=1.0)
+    step = opd_step(run, student_logprobs=student_lp, teacher_logprobs=teacher_lp, entropy_nats=entropy,
+                    response_mask=mask, vocab_size=tiny_assets_vocab(tiny_assets))
+    m_tip, lp_tip = _update(tiny_assets, batch, step.advantages, step.keep_mask, student_lp)
+    plain_adv = (teacher_lp - student_lp) * mask  # plain OPD: advantage = -k1 on every response token
+    m_plain, lp_plain = _update(tiny_assets, batch, plain_adv, mask, student_lp)
+    assert _metric(m_tip, "actor/pg_loss") == pytest.approx(_metric(m_plain, "actor/pg_loss"), rel=1e-6)
+    assert torch.allclose(lp_tip, lp_plain, atol=1e-6)
+    assert (lp_tip - student_lp)[mask].abs().max() > 1e-3  # the update did something
