@@ -29,3 +29,11 @@ def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
     assert summary.startswith("[run_tiny_opd] OK: 3 step(s) with metrics; last step 3:"), summary
     assert "tip/kept_fraction=" in summary
     assert wall < 600, wall
+
+
+@pytest.mark.slow
+def test_bad_tip_flag_fails_at_start_before_any_model_loads(tiny_assets, tmp_path):
+    out, steps, _ = run_example("run_tiny_opd.sh", ["+tip.ratio=0"], tiny_assets, tmp_path, expect_ok=False)
+    assert "TIPConfig.ratio=0.0 is invalid: must be in (0, 1]" in out, out[-3000:]
+    assert not steps
+    assert "Before FSDP" not in out  # verl's engine never started building a model

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from tip_verl import TIPConfig, normalized_entropy, sampled_token_divergence, select_tokens, token_scores
 from tip_verl.verl_adapter.opd import opd_step
@@ -18,24 +17,13 @@ from tip_verl.verl_adapter.opd_config import TIPRunConfig
 PROMPTS = [f"what is {a} plus {b}" for a, b in [(12, 7), (3, 45), (101, 9), (66, 66)]]
 
 
-def _workers(assets):
-    from tip_verl.verl_adapter.local_workers import build_local_workers
-    from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TeacherRefWorker
-
-    w = build_local_workers(str(assets.student), with_ref=False)
-    cfg = w.config.actor_rollout_ref.copy()
-    with open_dict(cfg):
-        cfg[TEACHER_PATH_KEY] = str(assets.teacher)
-    ref = TeacherRefWorker(config=cfg, role="ref")
-    ref.init_model()
-    w.ref = ref
-    return w
-
-
 @pytest.fixture(scope="module")
 def signals(tiny_assets):
     """A real rollout of the student, its log-probs + entropy, and the teacher's log-probs via the ref."""
-    w = _workers(tiny_assets)
+    from tip_verl.verl_adapter.local_workers import build_local_workers
+
+    w = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher))
+    assert type(w.ref).__name__ == "TeacherRefWorker"
     batch = w.make_batch(PROMPTS, max_new_tokens=8, temperature=1.0, seed=3)
     out = w.log_probs(batch, entropy=True)
     teacher = w.ref_log_probs(batch)

@@ -364,8 +364,9 @@ def build_local_workers(
     Args:
         model_path: the actor's Hugging Face checkpoint (default: the tiny student from
             ``tip_verl.assets.build_assets()``).
-        ref_model_path: checkpoint of the reference worker (default: the actor's). A different path
-            makes the reference worker a teacher-log-prob oracle.
+        ref_model_path: checkpoint of the reference worker (default: the actor's). A path builds the ref
+            as :class:`~tip_verl.verl_adapter.teacher.TeacherRefWorker` (what ``tip_sync`` uses): the
+            reference model is that teacher.
         overrides: extra Hydra overrides for verl's ``ppo_trainer`` config (e.g. a custom policy loss,
             ``actor_rollout_ref.actor.use_kl_loss=True``); they win over the CPU and local defaults.
         with_ref: also build the reference worker.
@@ -397,10 +398,15 @@ def build_local_workers(
     ref = None
     if with_ref:
         ref_cfg = config.actor_rollout_ref.copy()
+        ref_cls = ActorRolloutRefWorker
         if ref_model_path is not None:
+            # The product path: the ref worker of the tip_sync trainer, loading the teacher checkpoint.
+            from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TeacherRefWorker
+
+            ref_cls = TeacherRefWorker
             with open_dict(ref_cfg):
-                ref_cfg.model.path = ref_model_path
-        ref = ActorRolloutRefWorker(config=ref_cfg, role="ref")
+                ref_cfg[TEACHER_PATH_KEY] = ref_model_path
+        ref = ref_cls(config=ref_cfg, role="ref")
         ref.init_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return LocalWorkers(
