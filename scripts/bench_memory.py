@@ -3,7 +3,8 @@
 
 Every configuration runs in a fresh subprocess: verl's ``ActorRolloutRefWorker`` (role ``actor``,
 FSDP2, one rank, no Ray) is built on a random-weight Qwen2 model, one warm-up ``update_actor`` step
-runs (so the optimizer state exists), then one or more measured steps. ``update_actor`` is the call
+runs (so the optimizer state exists), then ``--steps`` timed steps, then one step with the memory
+probes (they are kept out of the timed steps). ``update_actor`` is the call
 verl's trainer makes: ``train_mini_batch`` -> ``train_batch`` -> engine ``forward_backward_batch``
 + optimizer step, with verl's ``ppo_loss``.
 
@@ -17,7 +18,8 @@ Keep-masks: ``round(ratio * response_len)`` tokens per sequence drawn at random 
 
 Memory: CPU -- peak resident memory during the step minus resident memory right before it (peak from
 ``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``, cross-checked by a
-1 ms RSS sampler thread; glibc is told to return freed memory, see ``--no-malloc-tuning``). CUDA --
+1 ms RSS sampler thread; before that step glibc is told to return freed memory at once, see
+``--no-malloc-tuning``). CUDA --
 ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the allocation before.
 
 Default: hidden 512, 4 layers, vocab 151,936, float32, 4 x (128 prompt + 1024 response), one micro-batch
@@ -35,7 +37,6 @@ import gc
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,12 +74,15 @@ def parse_args(argv=None):
     p.add_argument("--no-remove-padding", action="store_true", help="padded (bsz, seq) forward instead of packed")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=1, help="measured steps per configuration (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps per configuration after 1 warm-up (the fastest is reported, the least "
+                        "disturbed by other jobs); one more step measures memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default malloc thresholds (freed memory may stay resident)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    p.add_argument("--from-raw", help="only rebuild the CSV / markdown / PNG from a bench_memory_raw.json")
     p.add_argument("--profile-memory", action="store_true",
                    help="after the measured steps, profile one more step with torch.profiler(profile_memory=True) "
                         "and write its memory timeline (by category) and top allocating ops under --out")
@@ -237,6 +241,24 @@ def reset_hwm() -> bool:
         return False
 
 
+def malloc_return_freed_memory() -> None:
+    """glibc: serve allocations >= 128 KiB with mmap and give freed memory back at once.
+
+    With glibc's defaults (dynamic mmap threshold up to 32 MiB) freed medium-size tensors stay in the
+    heap, and a step that reuses them shows no RSS growth; with this, RSS follows the live tensors.
+    Applied only before the memory-measured step, after the timed ones.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    except Exception:
+        pass
+
+
 def malloc_trim() -> None:
     try:
         import ctypes
@@ -304,35 +326,46 @@ def run_worker(args) -> dict:
 
     metrics = step()  # warm-up: optimizer state exists from here on
     cuda = args.device == "cuda"
-    records = []
+
+    # 1) time: default allocator settings, no probes running
+    timings = []
     for _ in range(args.steps):
         td = update_batch(args, keep)
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            malloc_trim()
-            before = rss_bytes()
-            hwm_ok = reset_hwm()
-        with RSSSampler() as sampler:
-            t0 = time.perf_counter()
-            out = worker.update_actor(td)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-        metrics = tu.get(out, "metrics")
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = worker.update_actor(td)
         if cuda:
-            peak = torch.cuda.max_memory_allocated() - before
-            sampled = None
-        else:
-            hwm = hwm_bytes() if hwm_ok else 0
-            peak = max(hwm, sampler.peak) - before
-            sampled = sampler.peak - before
-        records.append({"peak_bytes": peak, "sampled_peak_bytes": sampled, "seconds": seconds,
-                        "before_bytes": before})
+            torch.cuda.synchronize()
+        timings.append({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0})
+    metrics = tu.get(out, "metrics")
+
+    # 2) memory: one more step with the peak probes
+    td = update_batch(args, keep)
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        if not args.no_malloc_tuning:
+            malloc_return_freed_memory()
+        malloc_trim()
+        before = rss_bytes()
+        hwm_ok = reset_hwm()
+    with RSSSampler() as sampler:
+        worker.update_actor(td)
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        peak, sampled = torch.cuda.max_memory_allocated() - before, None
+    else:
+        hwm = hwm_bytes() if hwm_ok else 0
+        peak, sampled = max(hwm, sampler.peak) - before, sampler.peak - before
+    memory = {"peak_bytes": peak, "sampled_peak_bytes": sampled, "before_bytes": before,
+              "hwm_reset": None if cuda else hwm_ok}
     if args.profile_dir:
         profile_step(args, worker, keep, Path(args.profile_dir))
     pg_loss = metrics.get("actor/pg_loss")
@@ -340,9 +373,11 @@ def run_worker(args) -> dict:
         "mode": args.mode, "ratio": args.ratio, "engine": engine_cls,
         "kept_tokens": int(keep.sum()), "response_tokens": args.batch * args.response_len,
         "total_tokens": args.batch * (args.prompt_len + args.response_len),
-        "peak_bytes": max(r["peak_bytes"] for r in records),
-        "seconds": statistics.median(r["seconds"] for r in records),
-        "steps": records,
+        "peak_bytes": memory["peak_bytes"],
+        "seconds": min(r["seconds"] for r in timings),
+        "cpu_seconds": min(r["cpu_seconds"] for r in timings),
+        "timing_steps": timings,
+        "memory_step": memory,
         "pg_loss": float(pg_loss[0] if isinstance(pg_loss, list) else pg_loss) if pg_loss is not None else None,
     }
 
@@ -408,7 +443,7 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
         cmd += ["--intermediate", str(args.intermediate)]
     if args.profile_memory:
         cmd += ["--profile-dir", str(Path(args.out).resolve() / "profiles")]
-    for flag in ("tied", "no_remove_padding", "gradient_checkpointing"):
+    for flag in ("tied", "no_remove_padding", "gradient_checkpointing", "no_malloc_tuning"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")
     return cmd
@@ -417,18 +452,15 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
 def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> dict:
     result = work / f"{mode}_{ratio}.json"
     env = dict(os.environ)
-    if args.device == "cpu" and not args.no_malloc_tuning:
-        # Large and medium tensors are mmapped and unmapped on free, so RSS follows live tensors.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     t0 = time.time()
-    proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
+    proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env,
+                          capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"{mode} ratio={ratio} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     rec = json.loads(result.read_text())
     rec["wall_seconds"] = time.time() - t0
-    print(f"  {mode:8s} ratio={ratio:<4} peak={rec['peak_bytes'] / 2**30:7.3f} GiB  step={rec['seconds']:7.2f} s  "
+    print(f"  {mode:8s} ratio={ratio:<4} peak={rec['peak_bytes'] / 2**30:7.3f} GiB  step={rec['seconds']:7.2f} s "
+          f"(cpu {rec['cpu_seconds']:7.2f} s)  "
           f"({rec['engine']}, {rec['wall_seconds']:.0f} s wall)", flush=True)
     return rec
 
@@ -436,7 +468,8 @@ def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> di
 def write_reports(args, rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = ["config", "keep_ratio", "kept_tokens", "peak_mem_gib", "peak_mem_ratio", "target_mem_ratio",
-              "step_s", "step_time_ratio", "baseline_peak_mem_gib", "baseline_step_s", "engine"]
+              "step_s", "step_time_ratio", "step_cpu_s", "step_cpu_time_ratio", "baseline_peak_mem_gib",
+              "baseline_step_s", "engine"]
     with open(out / "bench_memory.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -448,20 +481,24 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
              f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, attn {args.attn}")
     lines = [
         "# Actor update step: verl full logits vs tip_verl sparse LM head", "", setup, "",
-        "| config | keep ratio | kept tokens | peak mem (GiB) | mem / baseline | target | step (s) | time / baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | keep ratio | kept tokens | peak mem (GiB) | mem / baseline | target | step wall (s) "
+        "| wall / baseline | step CPU (s) | CPU / baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = f"<= {r['target_mem_ratio']:.2f}" if r["target_mem_ratio"] is not None else ""
         lines.append(
             f"| {r['config']} | {r['keep_ratio']:.2f} | {r['kept_tokens']} | {r['peak_mem_gib']:.3f} | "
-            f"{r['peak_mem_ratio']:.3f} | {target} | {r['step_s']:.2f} | {r['step_time_ratio']:.3f} |"
+            f"{r['peak_mem_ratio']:.3f} | {target} | {r['step_s']:.2f} | {r['step_time_ratio']:.3f} | "
+            f"{r['step_cpu_s']:.2f} | {r['step_cpu_time_ratio']:.3f} |"
         )
     lines += ["", "Peak memory: " + (
         "peak RSS during `update_actor` minus RSS right before it (VmHWM reset via /proc/self/clear_refs, "
         "1 ms sampler cross-check)." if args.device == "cpu" else
         "`torch.cuda.max_memory_allocated()` during `update_actor` minus the allocation before it."),
-        "Ratios are to the baseline (verl's own path, keep-mask only in the loss) of the same run.", ""]
+        "Ratios are to the baseline (verl's own path, keep-mask only in the loss) of the same run. "
+        "Step time: wall clock of `update_actor` and the process CPU time (all threads) over the same interval, "
+        "fastest of the timed steps (run without the memory probes).", ""]
     (out / "bench_memory.md").write_text("\n".join(lines))
 
     try:
@@ -471,9 +508,10 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
         import matplotlib.pyplot as plt
 
         labels = [f"{r['config']}\n{r['keep_ratio']:.1f}" for r in rows]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, key, title in ((axes[0], "peak_mem_ratio", "peak memory / baseline"),
-                               (axes[1], "step_time_ratio", "step time / baseline")):
+                               (axes[1], "step_time_ratio", "step wall time / baseline"),
+                               (axes[2], "step_cpu_time_ratio", "step CPU time / baseline")):
             colors = ["#888888" if r["config"] == "baseline" else "#1f77b4" for r in rows]
             bars = ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
             for b, r in zip(bars, rows):
@@ -501,23 +539,30 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(rec))
         return 0
 
-    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    baseline_ratio = args.baseline_ratio if args.baseline_ratio is not None else min(ratios)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
-        work = Path(tmp)
-        t0 = time.time()
-        model_dir = build_model(work / "model", args)
-        print(f"model built in {time.time() - t0:.0f} s: {model_dir}", flush=True)
-        baselines = {}
-        for r in (ratios if args.baseline_per_ratio else [baseline_ratio]):
-            baselines[r] = run_config(args, "baseline", r, model_dir, work)
-        tips = {r: run_config(args, "tip", r, model_dir, work) for r in ratios}
-
-    raw = {"args": vars(args), "baseline": {str(k): v for k, v in baselines.items()},
-           "tip": {str(k): v for k, v in tips.items()}}
-    (out / "bench_memory_raw.json").write_text(json.dumps(raw, indent=1))
+    if args.from_raw:  # rebuild the reports of an earlier run
+        raw = json.loads(Path(args.from_raw).read_text())
+        for key in ("device", "dtype", "hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch",
+                    "no_remove_padding", "attn"):
+            setattr(args, key, raw["args"][key])
+        baselines = {float(k): v for k, v in raw["baseline"].items()}
+        tips = {float(k): v for k, v in raw["tip"].items()}
+    else:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        baseline_ratio = args.baseline_ratio if args.baseline_ratio is not None else min(ratios)
+        with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
+            work = Path(tmp)
+            t0 = time.time()
+            model_dir = build_model(work / "model", args)
+            print(f"model built in {time.time() - t0:.0f} s: {model_dir}", flush=True)
+            baselines = {}
+            for r in (ratios if args.baseline_per_ratio else [baseline_ratio]):
+                baselines[r] = run_config(args, "baseline", r, model_dir, work)
+            tips = {r: run_config(args, "tip", r, model_dir, work) for r in ratios}
+        raw = {"args": vars(args), "baseline": {str(k): v for k, v in baselines.items()},
+               "tip": {str(k): v for k, v in tips.items()}}
+        (out / "bench_memory_raw.json").write_text(json.dumps(raw, indent=1))
 
     def row(config, ratio, rec, base):
         return {
@@ -525,6 +570,7 @@ def main(argv=None) -> int:
             "peak_mem_gib": rec["peak_bytes"] / 2**30, "peak_mem_ratio": rec["peak_bytes"] / base["peak_bytes"],
             "target_mem_ratio": None if config == "baseline" else ratio + 0.1,
             "step_s": rec["seconds"], "step_time_ratio": rec["seconds"] / base["seconds"],
+            "step_cpu_s": rec["cpu_seconds"], "step_cpu_time_ratio": rec["cpu_seconds"] / base["cpu_seconds"],
             "baseline_peak_mem_gib": base["peak_bytes"] / 2**30, "baseline_step_s": base["seconds"],
             "engine": rec["engine"],
         }

@@ -1,5 +1,8 @@
 """End to end: the README main job, OPD with TIP (soft_or, ρ=0.5) through verl's real trainer on the CPU."""
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.e2e.test_cpu_trainer import run_example, summary_of
@@ -7,7 +10,10 @@ from tests.e2e.test_cpu_trainer import run_example, summary_of
 
 @pytest.mark.slow
 def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
-    out, steps, wall = run_example("run_tiny_opd.sh", ["trainer.total_training_steps=3"], tiny_assets, tmp_path)
+    out, steps, wall = run_example(
+        "run_tiny_opd.sh", ["trainer.total_training_steps=3", "+tip.records_every=2", "+tip.records_max_rows=64"],
+        tiny_assets, tmp_path,
+    )
     assert set(steps) == {1, 2, 3}, out[-4000:]
     assert "OPD with TIP, teacher=" in out
     for step, m in steps.items():
@@ -29,6 +35,18 @@ def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
     assert summary.startswith("[run_tiny_opd] OK: 3 step(s) with metrics; last step 3:"), summary
     assert "tip/kept_fraction=" in summary
     assert wall < 600, wall
+
+    # token records of step 2 (records_every=2), readable by the report tool
+    records_dir = tmp_path / "checkpoints" / "tip_records"
+    from tip_verl.records import read_records
+
+    rows = read_records(records_dir)
+    assert set(rows["step"]) == {2} and 0 < len(rows) <= 64
+    assert rows["kept"].any() and set(rows["quadrant"]) <= {1, 2, 3, 4}
+    report = subprocess.run([sys.executable, "-m", "tip_verl.report", str(records_dir), "--tokenizer",
+                             str(tiny_assets.student), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert sorted(p.name for p in (records_dir / "report").glob("*.png"))
 
 
 @pytest.mark.slow

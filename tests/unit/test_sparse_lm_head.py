@@ -201,7 +201,6 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
 
         if engine_name == "rmpad":
             # log-prob pass (no grad): unchanged, full logits
-            td = tm.update_batch(rollout, _keep_mask("random", 0), calculate_entropy=True)
             lp = {}
             for name, worker in (("plain", plain), ("sparse", sparse)):
                 rows = []

@@ -34,8 +34,12 @@ class TIPRunConfig:
     teacher_path: str
     advantage_estimator: str = "k1"
     selection: TIPConfig = dataclasses.field(default_factory=TIPConfig)
+    #: Token records (tip_verl.records): every N steps a sample of per-token rows; 0 = off.
+    records_every: int = 0
+    records_max_rows: int = 2000
+    records_dir: str | None = None  # default: <trainer.default_local_dir>/tip_records
 
-    RUN_KEYS = ("teacher_path", "advantage_estimator")
+    RUN_KEYS = ("teacher_path", "advantage_estimator", "records_every", "records_max_rows", "records_dir")
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any] | None) -> "TIPRunConfig":
@@ -59,6 +63,16 @@ class TIPRunConfig:
             raise TIPConfigError(
                 f"+tip.advantage_estimator={estimator} is invalid: must be one of {', '.join(ADVANTAGE_ESTIMATORS)}."
             )
+        records = {}
+        for key, lowest in (("records_every", 0), ("records_max_rows", 1)):
+            if key in node:
+                value = node.pop(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                    raise TIPConfigError(f"+tip.{key}={value} is invalid: must be an integer >= {lowest}.")
+                records[key] = value
+        if node.get("records_dir") is not None:
+            records["records_dir"] = os.path.expanduser(str(node.pop("records_dir")))
+        node.pop("records_dir", None)
         # method=all keeps every token: let it stand alone without also asking for ratio=1.
         if node.get("method") == "all" and "ratio" not in node:
             node["ratio"] = 1.0
@@ -66,11 +80,11 @@ class TIPRunConfig:
             selection = TIPConfig.from_dict(node)
         except ValueError as e:
             raise TIPConfigError(f"Bad +tip.* flag: {e}") from e
-        return cls(teacher_path=teacher_path, advantage_estimator=estimator, selection=selection)
+        return cls(teacher_path=teacher_path, advantage_estimator=estimator, selection=selection, **records)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"teacher_path": self.teacher_path, "advantage_estimator": self.advantage_estimator,
-                **self.selection.to_dict()}
+        run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "selection"}
+        return {**run, **self.selection.to_dict()}
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:

@@ -15,6 +15,7 @@ Metrics go to verl's own tracker under ``tip/``.
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 import torch
@@ -28,6 +29,8 @@ from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
+
+from tip_verl.records import TokenRecordWriter
 
 from .opd import opd_step
 from .opd_config import ADV_ESTIMATOR, TRAINER_MODE, TIPConfigError, validate_verl_config
@@ -54,6 +57,9 @@ class TIPTrainerMixin:
         with open_dict(config.actor_rollout_ref):
             config.actor_rollout_ref[TEACHER_PATH_KEY] = self.tip.teacher_path
         super().__init__(config)
+        records_dir = self.tip.records_dir or os.path.join(config.trainer.default_local_dir, "tip_records")
+        self.tip_records = TokenRecordWriter(records_dir, every_n_steps=self.tip.records_every,
+                                             max_rows_per_step=self.tip.records_max_rows, seed=self.tip.selection.seed)
         # verl creates a ref only for KL losses (trainer/ppo/utils.py need_reference_policy); OPD needs it always.
         self.use_reference_policy = True
         logger.warning("tip_verl: OPD with TIP, teacher=%s, selection=%s", self.tip.teacher_path, self.tip.to_dict())
@@ -78,6 +84,8 @@ class TIPTrainerMixin:
 
     def _compute_advantage(self, batch, metrics: dict):
         fields = ["response_mask", "old_log_probs", "ref_log_prob", "entropy"]
+        if self.tip_records.should_write(int(self.global_steps)):
+            fields.append("responses")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         padded = data.to_padded_tensor()
@@ -93,6 +101,11 @@ class TIPTrainerMixin:
             generator=generator,
         )
         metrics.update(step.metrics)
+        if "responses" in padded:
+            self.tip_records.maybe_write(
+                int(self.global_steps), selection=step.selection, response_mask=response_mask.bool(),
+                token_ids=padded["responses"], sequence_ids=list(batch.keys), thresholds=self.tip.selection,
+            )
         keep = step.keep_mask.to(response_mask.dtype)
         advantages = step.advantages.float()
         output = {
