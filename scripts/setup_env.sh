@@ -18,4 +18,4 @@ echo "[setup] creating $venv ..." >&2
 "$venv/bin/python" -m pip install -q "torch==2.13.0"
 "$venv/bin/python" -m pip install -q -e "$root[cpu,test]"
 echo "$want" > "$stamp"
-echo "[setup] done: $("$venv/bin/python" -c 'import torch, verl, transformers; print("torch", torch.__version__, "verl", verl.__version__, "transformers", transformers.__version__)')" >&2
+echo "[setup] done: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "verl", "transformers", "tip_verl")))')" >&2

@@ -1,6 +1,6 @@
 """OPD with TIP through verl's real workers (single process, CPU, no Ray) on the tiny built-in models.
 
-The ref worker is tip_verl's TeacherRefWorker (the reference model loaded from the teacher checkpoint);
+The ref worker is tip_verl's TIPActorRolloutRefWorker (the reference model loaded from the teacher checkpoint);
 the update is verl's own update_actor with its ppo_loss, fed the advantages and keep-mask that the
 tip_sync trainer computes on the driver.
 """
@@ -23,7 +23,7 @@ def signals(tiny_assets):
     from tip_verl.verl_adapter.local_workers import build_local_workers
 
     w = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher))
-    assert type(w.ref).__name__ == "TeacherRefWorker"
+    assert type(w.ref).__name__ == "TIPActorRolloutRefWorker"
     batch = w.make_batch(PROMPTS, max_new_tokens=8, temperature=1.0, seed=3)
     out = w.log_probs(batch, entropy=True)
     teacher = w.ref_log_probs(batch)
@@ -72,11 +72,20 @@ def tiny_assets_vocab(assets):
     return AutoConfig.from_pretrained(assets.student).vocab_size
 
 
-def _update(assets, batch, advantages, response_mask, old_lp):
-    """Fresh actor from the student checkpoint, one verl update_actor, then its new log-probs."""
+def _update(assets, batch, advantages, response_mask, old_lp, *, tip_worker=True):
+    """Fresh actor from the student checkpoint, one verl update_actor, then its new log-probs.
+
+    ``tip_worker``: the tip_sync worker (sparse lm_head in the update) or verl's own worker (full logits).
+    """
     from tip_verl.verl_adapter.local_workers import build_local_workers
 
-    w = build_local_workers(str(assets.student), with_ref=False, overrides=["actor_rollout_ref.actor.optim.lr=1e-2"])
+    teacher = str(assets.teacher) if tip_worker else None
+    w = build_local_workers(str(assets.student), ref_model_path=teacher, with_ref=False,
+                            overrides=["actor_rollout_ref.actor.optim.lr=1e-2"])
+    assert type(w.actor).__name__ == ("TIPActorRolloutRefWorker" if tip_worker else "ActorRolloutRefWorker")
+    from tip_verl.verl_adapter.sparse_lm_head import SparseLMHeadMixin
+
+    assert isinstance(w.actor.actor.engine, SparseLMHeadMixin) == tip_worker
     data = batch.clone()
     data["response_mask"] = response_mask.long()
     metrics = w.update(data, advantages, old_log_probs=old_lp)
@@ -115,6 +124,11 @@ def test_loss_is_mean_reverse_kl_over_kept_tokens_and_dropped_tokens_get_no_grad
     _, lp_unmasked = _update(tiny_assets, batch, noisy, mask, student_lp)
     assert (lp_unmasked - lp_masked)[mask].abs().max() > 1e-3
 
+    # verl's own worker (full logits, mask applied in the loss only) makes the same update.
+    m_full, lp_full = _update(tiny_assets, batch, step.advantages, keep, student_lp, tip_worker=False)
+    assert _metric(m_full, "actor/pg_loss") == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert torch.allclose(lp_masked, lp_full, atol=1e-5)
+
 
 def test_method_all_equals_plain_opd(tiny_assets, signals):
     batch, student_lp, entropy, teacher_lp = signals
@@ -124,8 +138,9 @@ def test_method_all_equals_plain_opd(tiny_assets, signals):
     step = opd_step(run, student_logprobs=student_lp, teacher_logprobs=teacher_lp, entropy_nats=entropy,
                     response_mask=mask, vocab_size=tiny_assets_vocab(tiny_assets))
     m_tip, lp_tip = _update(tiny_assets, batch, step.advantages, step.keep_mask, student_lp)
-    plain_adv = (teacher_lp - student_lp) * mask  # plain OPD: advantage = -k1 on every response token
-    m_plain, lp_plain = _update(tiny_assets, batch, plain_adv, mask, student_lp)
-    assert _metric(m_tip, "actor/pg_loss") == pytest.approx(_metric(m_plain, "actor/pg_loss"), rel=1e-6)
-    assert torch.allclose(lp_tip, lp_plain, atol=1e-6)
+    # plain OPD with verl's own worker (full logits): advantage = -k1 on every response token
+    plain_adv = (teacher_lp - student_lp) * mask
+    m_plain, lp_plain = _update(tiny_assets, batch, plain_adv, mask, student_lp, tip_worker=False)
+    assert _metric(m_tip, "actor/pg_loss") == pytest.approx(_metric(m_plain, "actor/pg_loss"), rel=1e-5)
+    assert torch.allclose(lp_tip, lp_plain, atol=1e-5)
     assert (lp_tip - student_lp)[mask].abs().max() > 1e-3  # the update did something

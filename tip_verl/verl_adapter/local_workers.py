@@ -364,9 +364,9 @@ def build_local_workers(
     Args:
         model_path: the actor's Hugging Face checkpoint (default: the tiny student from
             ``tip_verl.assets.build_assets()``).
-        ref_model_path: checkpoint of the reference worker (default: the actor's). A path builds the ref
-            as :class:`~tip_verl.verl_adapter.teacher.TeacherRefWorker` (what ``tip_sync`` uses): the
-            reference model is that teacher.
+        ref_model_path: checkpoint of the reference worker (default: the actor's). A path builds both
+            workers as :class:`~tip_verl.verl_adapter.teacher.TIPActorRolloutRefWorker` (what ``tip_sync``
+            uses): the reference model is that teacher, and the actor's update runs the sparse lm_head.
         overrides: extra Hydra overrides for verl's ``ppo_trainer`` config (e.g. a custom policy loss,
             ``actor_rollout_ref.actor.use_kl_loss=True``); they win over the CPU and local defaults.
         with_ref: also build the reference worker.
@@ -393,20 +393,20 @@ def build_local_workers(
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
     config = compose_config(model_path, overrides)
-    actor = ActorRolloutRefWorker(config=config.actor_rollout_ref.copy(), role="actor")
+    worker_cls = ActorRolloutRefWorker
+    arr = config.actor_rollout_ref.copy()
+    if ref_model_path is not None:
+        # The workers of the tip_sync trainer: ref = the teacher checkpoint, actor = sparse lm_head update.
+        from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TIPActorRolloutRefWorker
+
+        worker_cls = TIPActorRolloutRefWorker
+        with open_dict(arr):
+            arr[TEACHER_PATH_KEY] = ref_model_path
+    actor = worker_cls(config=arr.copy(), role="actor")
     actor.init_model()
     ref = None
     if with_ref:
-        ref_cfg = config.actor_rollout_ref.copy()
-        ref_cls = ActorRolloutRefWorker
-        if ref_model_path is not None:
-            # The product path: the ref worker of the tip_sync trainer, loading the teacher checkpoint.
-            from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TeacherRefWorker
-
-            ref_cls = TeacherRefWorker
-            with open_dict(ref_cfg):
-                ref_cfg[TEACHER_PATH_KEY] = ref_model_path
-        ref = ref_cls(config=ref_cfg, role="ref")
+        ref = worker_cls(config=arr.copy(), role="ref")
         ref.init_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return LocalWorkers(

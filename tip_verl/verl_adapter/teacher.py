@@ -1,8 +1,8 @@
-"""The reference model as teacher: verl's hybrid worker with the ref loaded from another checkpoint.
+"""The worker of OPD with TIP: the reference model is the teacher, the actor's lm_head runs at kept tokens.
 
 verl 0.9.1 builds the reference model from a copy of the actor's model config
 (``verl/workers/engine_workers.py``, ``ref_config.model_config = deepcopy(model_config)``), so the ref
-is always the initial student. :class:`TeacherRefWorker` keeps verl's worker as it is and only swaps
+is always the initial student. :class:`TIPActorRolloutRefWorker` keeps verl's worker as it is and only swaps
 the class that builds the ref (``ActorRolloutRefWorker.ref_worker_cls``) for one that loads the
 teacher checkpoint with the actor's model settings (remove-padding, attention implementation,
 override_config ...) and verl's own ref engine settings (param offload, micro-batching) unchanged.
@@ -85,14 +85,19 @@ def teacher_model_config(actor_model_node: Any, teacher_path: str):
     return model_config
 
 
-class TeacherRefWorker(ActorRolloutRefWorker):
-    """``ActorRolloutRefWorker`` whose ref model is the teacher checkpoint named by the TIP trainer."""
+class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's ``ActorRolloutRefWorker`` for OPD with TIP: two inner classes swapped, nothing else.
+
+    * ``ref_worker_cls``: the ref is the teacher checkpoint named by the TIP trainer;
+    * ``actor_worker_cls``: :class:`~tip_verl.verl_adapter.sparse_lm_head.SparseLMHeadTrainingWorker`,
+      whose update step runs the lm_head only at kept tokens (``TIP_VERL_SPARSE_LM_HEAD=0`` turns it off).
+    """
 
     def __init__(self, config, role: str, distillation_config=None, **kwargs):
         teacher_path = config.get(TEACHER_PATH_KEY, None)
         if not teacher_path:
             raise ValueError(
-                f"TeacherRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by trainer.v1.trainer_mode=tip_sync "
+                f"TIPActorRolloutRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by trainer.v1.trainer_mode=tip_sync "
                 "from +tip.teacher_path."
             )
         if not os.path.isdir(teacher_path):
@@ -107,3 +112,6 @@ class TeacherRefWorker(ActorRolloutRefWorker):
 
         self.ref_worker_cls = _TeacherTrainingWorker
         self.teacher_path = teacher_path
+        from .sparse_lm_head import SparseLMHeadTrainingWorker
+
+        self.actor_worker_cls = SparseLMHeadTrainingWorker

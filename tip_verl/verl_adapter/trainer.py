@@ -2,7 +2,7 @@
 
 It is verl's synchronous trainer (``PPOTrainerSync``) with three changes:
 
-1. the reference model is always built and is the teacher (:class:`TeacherRefWorker`);
+1. the reference model is always built and is the teacher (:class:`TIPActorRolloutRefWorker`);
 2. ``_compute_advantage`` runs TIP on the driver, once per training batch, after verl's old-log-prob
    pass (student log-probs + entropy) and ref pass (teacher log-probs): the kept set does not depend
    on micro-batch size, dynamic batching or data-parallel layout;
@@ -65,18 +65,18 @@ class TIPTrainerMixin:
         logger.warning("tip_verl: OPD with TIP, teacher=%s, selection=%s", self.tip.teacher_path, self.tip.to_dict())
 
     def _init_resource_pool_mgr(self):
-        from .teacher import TeacherRefWorker
+        from .teacher import TIPActorRolloutRefWorker
 
         super()._init_resource_pool_mgr()
         mapping, pools = self.role_worker_mapping, self.mapping
         if Role.ActorRollout in mapping:  # verl chose no ref: give the hybrid worker one, built from the teacher
             mapping.pop(Role.ActorRollout)
             pools[Role.ActorRolloutRef] = pools.pop(Role.ActorRollout)
-            mapping[Role.ActorRolloutRef] = ray.remote(TeacherRefWorker)
+            mapping[Role.ActorRolloutRef] = ray.remote(TIPActorRolloutRefWorker)
         elif Role.ActorRolloutRef in mapping:
-            mapping[Role.ActorRolloutRef] = ray.remote(TeacherRefWorker)
+            mapping[Role.ActorRolloutRef] = ray.remote(TIPActorRolloutRefWorker)
         else:  # separate actor / ref workers
-            mapping[Role.RefPolicy] = ray.remote(TeacherRefWorker)
+            mapping[Role.RefPolicy] = ray.remote(TIPActorRolloutRefWorker)
             pools.setdefault(Role.RefPolicy, pools[Role.Actor])
         self.resource_pool_manager = ResourcePoolManager(
             resource_pool_spec=self.resource_pool_manager.resource_pool_spec, mapping=pools
