@@ -3,8 +3,8 @@
 
 Every configuration runs in a fresh subprocess: verl's ``ActorRolloutRefWorker`` (role ``actor``,
 FSDP2, one rank, no Ray) is built on a random-weight Qwen2 model, one warm-up ``update_actor`` step
-runs (so the optimizer state exists), then ``--steps`` timed steps, then one step with the memory
-probes (they are kept out of the timed steps). ``update_actor`` is the call
+runs (so the optimizer state exists), then one step with the memory probes, then ``--steps`` timed
+steps without them. ``update_actor`` is the call
 verl's trainer makes: ``train_mini_batch`` -> ``train_batch`` -> engine ``forward_backward_batch``
 + optimizer step, with verl's ``ppo_loss``.
 
@@ -18,8 +18,8 @@ Keep-masks: ``round(ratio * response_len)`` tokens per sequence drawn at random 
 
 Memory: CPU -- peak resident memory during the step minus resident memory right before it (peak from
 ``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``, cross-checked by a
-1 ms RSS sampler thread; before that step glibc is told to return freed memory at once, see
-``--no-malloc-tuning``). CUDA --
+1 ms RSS sampler thread; glibc is told to return freed memory at once, and set back to its usual
+thresholds for the timed steps, see ``--no-malloc-tuning``). CUDA --
 ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the allocation before.
 
 Default: hidden 512, 4 layers, vocab 151,936, float32, 4 x (128 prompt + 1024 response), one micro-batch
@@ -77,10 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2,
                    help="timed steps per configuration after 1 warm-up (the fastest is reported, the least "
                         "disturbed by other jobs); one more step measures memory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 makes CPU time comparable on a busy machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results")
     p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="CPU: keep glibc's default malloc thresholds (freed memory may stay resident)")
+                   help="CPU: keep glibc's default malloc thresholds throughout (freed memory may stay resident "
+                        "and hide part of the step's peak)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     p.add_argument("--from-raw", help="only rebuild the CSV / markdown / PNG from a bench_memory_raw.json")
     p.add_argument("--profile-memory", action="store_true",
@@ -241,20 +244,21 @@ def reset_hwm() -> bool:
         return False
 
 
-def malloc_return_freed_memory() -> None:
-    """glibc: serve allocations >= 128 KiB with mmap and give freed memory back at once.
+#: glibc thresholds for the memory-measured step: allocations >= 128 KiB are mmapped and unmapped on free, so
+#: RSS follows the live tensors (with the defaults, freed medium-size tensors stay in the heap and a step
+#: that reuses them shows no RSS growth). Set in the child's environment, i.e. from its start.
+MALLOC_MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
-    With glibc's defaults (dynamic mmap threshold up to 32 MiB) freed medium-size tensors stay in the
-    heap, and a step that reuses them shows no RSS growth; with this, RSS follows the live tensors.
-    Applied only before the memory-measured step, after the timed ones.
-    """
+
+def malloc_steady_state() -> None:
+    """Before the timed steps: glibc's thresholds where its dynamic defaults settle (32 MiB mmap, 64 MiB trim)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
     except Exception:
         pass
 
@@ -306,6 +310,9 @@ def run_worker(args) -> dict:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
@@ -327,21 +334,7 @@ def run_worker(args) -> dict:
     metrics = step()  # warm-up: optimizer state exists from here on
     cuda = args.device == "cuda"
 
-    # 1) time: default allocator settings, no probes running
-    timings = []
-    for _ in range(args.steps):
-        td = update_batch(args, keep)
-        gc.collect()
-        if cuda:
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = worker.update_actor(td)
-        if cuda:
-            torch.cuda.synchronize()
-        timings.append({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0})
-    metrics = tu.get(out, "metrics")
-
-    # 2) memory: one more step with the peak probes
+    # 1) memory: one step with the peak probes
     td = update_batch(args, keep)
     gc.collect()
     if cuda:
@@ -350,15 +343,14 @@ def run_worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        if not args.no_malloc_tuning:
-            malloc_return_freed_memory()
         malloc_trim()
         before = rss_bytes()
         hwm_ok = reset_hwm()
     with RSSSampler() as sampler:
-        worker.update_actor(td)
+        out = worker.update_actor(td)
         if cuda:
             torch.cuda.synchronize()
+    metrics = tu.get(out, "metrics")
     if cuda:
         peak, sampled = torch.cuda.max_memory_allocated() - before, None
     else:
@@ -366,6 +358,21 @@ def run_worker(args) -> dict:
         peak, sampled = max(hwm, sampler.peak) - before, sampler.peak - before
     memory = {"peak_bytes": peak, "sampled_peak_bytes": sampled, "before_bytes": before,
               "hwm_reset": None if cuda else hwm_ok}
+
+    # 2) time: no probes; on the CPU glibc back to its steady-state thresholds (freed memory reused)
+    if not cuda and not args.no_malloc_tuning:
+        malloc_steady_state()
+    timings = []
+    for _ in range(args.steps):
+        td = update_batch(args, keep)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        worker.update_actor(td)
+        if cuda:
+            torch.cuda.synchronize()
+        timings.append({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0})
     if args.profile_dir:
         profile_step(args, worker, keep, Path(args.profile_dir))
     pg_loss = metrics.get("actor/pg_loss")
@@ -437,8 +444,9 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--ratio", str(ratio),
            "--model-dir", str(model_dir), "--result", str(result)]
     for name in ("device", "dtype", "hidden", "layers", "heads", "kv_heads", "vocab", "prompt_len",
-                 "response_len", "batch", "attn", "steps", "seed"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+                 "response_len", "batch", "attn", "steps", "seed", "threads"):
+        if getattr(args, name) is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.intermediate:
         cmd += ["--intermediate", str(args.intermediate)]
     if args.profile_memory:
@@ -452,6 +460,8 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
 def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> dict:
     result = work / f"{mode}_{ratio}.json"
     env = dict(os.environ)
+    if args.device == "cpu" and not args.no_malloc_tuning:
+        env.update(MALLOC_MEASURE_ENV)
     t0 = time.time()
     proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env,
                           capture_output=True, text=True, timeout=args.timeout)
@@ -478,7 +488,8 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
 
     setup = (f"{args.device}, {args.dtype}, Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
              f"{', tied' if args.tied else ''}, {args.batch} x ({args.prompt_len} prompt + {args.response_len} response)"
-             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, attn {args.attn}")
+             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, attn {args.attn}"
+             f"{f', {args.threads} torch thread(s)' if getattr(args, 'threads', None) else ''}")
     lines = [
         "# Actor update step: verl full logits vs tip_verl sparse LM head", "", setup, "",
         "| config | keep ratio | kept tokens | peak mem (GiB) | mem / baseline | target | step wall (s) "
@@ -544,8 +555,8 @@ def main(argv=None) -> int:
     if args.from_raw:  # rebuild the reports of an earlier run
         raw = json.loads(Path(args.from_raw).read_text())
         for key in ("device", "dtype", "hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch",
-                    "no_remove_padding", "attn"):
-            setattr(args, key, raw["args"][key])
+                    "no_remove_padding", "attn", "threads"):
+            setattr(args, key, raw["args"].get(key))
         baselines = {float(k): v for k, v in raw["baseline"].items()}
         tips = {float(k): v for k, v in raw["tip"].items()}
     else:

@@ -180,6 +180,7 @@ def update_batch(
     seed: int = 0,
     temperature: float = 1.0,
     calculate_entropy: bool = False,
+    empty_multi_modal_inputs: bool = False,
     **meta,
 ):
     """The TensorDict verl's actor ``train_mini_batch`` / ``train_batch`` receives.
@@ -187,6 +188,8 @@ def update_batch(
     ``keep_mask`` (bsz, response_len) is written into both ``response_mask`` and ``loss_mask`` as the
     TIP trainer does. ``layout="nested"`` mirrors verl's V1 trainer (every per-sample field jagged);
     ``layout="padded"`` converts verl's padded rollout with ``left_right_2_no_padding``.
+    ``empty_multi_modal_inputs`` adds the empty per-sample ``multi_modal_inputs`` dicts verl's V1 agent
+    loop sends for text-only models.
     """
     from tensordict import TensorDict
 
@@ -228,6 +231,8 @@ def update_batch(
         td = TensorDict(fields, batch_size=bsz)
     else:
         raise ValueError(layout)
+    if empty_multi_modal_inputs:
+        tu.assign_non_tensor_stack(td, "multi_modal_inputs", [{} for _ in range(bsz)])
     tu.assign_non_tensor(
         td,
         temperature=temperature,

@@ -55,6 +55,7 @@ BATCH_CASES = {
     "dynamic_bsz": dict(mask="random", dynamic=True),
     "dynamic_bsz_one_per_seq": dict(mask="one_per_seq", dynamic=True),
     "entropy_and_temperature": dict(mask="random", entropy=True, temperature=0.7),
+    "text_batch_with_empty_multi_modal_inputs": dict(mask="random", empty_multi_modal_inputs=True),
 }
 
 CASES = [f"{engine}/{case}" for engine in ENGINES for case in BATCH_CASES]
@@ -186,7 +187,8 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         for seed, (case_name, case) in enumerate(BATCH_CASES.items()):
             keep = _keep_mask(case["mask"], seed)
             kwargs = dict(layout=case.get("layout", "nested"), seed=seed, temperature=case.get("temperature", 1.0),
-                          calculate_entropy=case.get("entropy", False))
+                          calculate_entropy=case.get("entropy", False),
+                          empty_multi_modal_inputs=case.get("empty_multi_modal_inputs", False))
             run = dict(dynamic=case.get("dynamic", False), rmpad=opts["use_remove_padding"],
                        fused=opts["use_fused_kernels"])
             loss_full, grads_full, rows_full = run_update(plain, tm.update_batch(rollout, keep, **kwargs), **run)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 from .task import answer, prompt_messages
 from .tokenizer import EOS_TOKEN
+
+if TYPE_CHECKING:  # torch is imported lazily so that importing the package (configs, checks) stays light
+    import torch
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class TrainConfig:
 
 def build_model(cfg: ModelConfig, tok, seed: int):
     """A randomly initialised ``Qwen2ForCausalLM`` (float32, untied embeddings) for ``tok``."""
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -89,8 +91,10 @@ def encode_response(tok, a: int, b: int) -> list[int]:
     return list(tok.encode(answer(a, b), add_special_tokens=False)) + [tok.eos_token_id]
 
 
-def make_batch(tok, pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+def make_batch(tok, pairs: list[tuple[int, int]]) -> dict[str, "torch.Tensor"]:
     """Right-padded batch; labels are -100 except on the response tokens."""
+    import torch
+
     seqs, labels = [], []
     for a, b in pairs:
         p, r = encode_prompt(tok, a, b), encode_response(tok, a, b)
@@ -124,6 +128,8 @@ def train(
     log: Optional[Callable[[str], None]] = None,
 ) -> dict:
     """Supervised training on ``cfg.steps`` batches drawn from ``stream``; returns stats."""
+    import torch
+
     torch.manual_seed(seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -151,7 +157,6 @@ def train(
     return {"steps": cfg.steps, "final_loss": loss_val, "seconds": round(time.time() - t0, 2)}
 
 
-@torch.no_grad()
 def generate_answers(
     model,
     tok,
@@ -166,6 +171,8 @@ def generate_answers(
 
     Prompts are grouped by token length so no batch needs padding.
     """
+    import torch
+
     model.eval()
     pairs = list(pairs)
     prompts = [encode_prompt(tok, a, b) for a, b in pairs]
@@ -188,7 +195,8 @@ def generate_answers(
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             input_ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
-            gen = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            with torch.no_grad():
+                gen = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
             for i, row in zip(chunk, gen[:, length:].tolist()):
                 if tok.eos_token_id in row:  # cut after the first eos (the rest is padding)
                     row = row[: row.index(tok.eos_token_id) + 1]

@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor
 from verl.utils import tensordict_utils as tu
 from verl.utils import torch_functional as verl_F
 from verl.utils.dataset.dataset_utils import DatasetPadMode
+from verl.utils.model import extract_multi_modal_inputs
 from verl.utils.torch_functional import logprobs_from_logits
 from verl.workers.engine.fsdp.transformer_impl import (
     FSDPEngineWithLMHead,
@@ -296,7 +297,8 @@ class SparseLMHeadMixin:
             return "distillation_only (no policy log-probs) is not covered"
         if get(data=micro_batch, key="calculate_sum_pi_squared", default=False):
             return "calculate_sum_pi_squared needs the full logits"
-        if "multi_modal_inputs" in micro_batch.keys():
+        # verl's V1 agent loop sends an (empty) multi_modal_inputs dict per sample for text models too
+        if extract_multi_modal_inputs(micro_batch.get("multi_modal_inputs", [])):
             return "multimodal inputs are not covered"
         if micro_batch["position_ids"].dim() == 3:
             return "3-D (mrope) position ids are not covered"
