@@ -23,7 +23,8 @@ thresholds for the timed steps, see ``--no-malloc-tuning``). CUDA --
 ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the allocation before.
 
 Default: hidden 512, 4 layers, vocab 151,936, float32, 4 x (128 prompt + 1024 response), one micro-batch
-of all 4 sequences. A Qwen2.5-1.5B-like run on a GPU::
+of all 4 sequences, verl's model defaults (remove-padding on, gradient checkpointing on). A
+Qwen2.5-1.5B-like run on a GPU::
 
     python scripts/bench_memory.py --device cuda --dtype bfloat16 --hidden 1536 --layers 28 --heads 12 \\
         --kv-heads 2 --intermediate 8960 --tied --attn flash_attention_2 --out bench_results/gpu_1p5b
@@ -73,7 +74,8 @@ def parse_args(argv=None):
                    help="run the baseline once per ratio (with that ratio's mask) instead of once")
     p.add_argument("--no-remove-padding", action="store_true", help="padded (bsz, seq) forward instead of packed")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="turn off activation checkpointing of the decoder layers (verl's default is on)")
     p.add_argument("--steps", type=int, default=2,
                    help="timed steps per configuration after 1 warm-up (the fastest is reported, the least "
                         "disturbed by other jobs); one more step measures memory")
@@ -189,7 +191,7 @@ def actor_config(args, model_dir: str):
     overrides = [
         f"actor_rollout_ref.model.path={model_dir}",
         f"actor_rollout_ref.model.use_remove_padding={not args.no_remove_padding}",
-        f"actor_rollout_ref.model.enable_gradient_checkpointing={args.gradient_checkpointing}",
+        f"actor_rollout_ref.model.enable_gradient_checkpointing={not args.no_gradient_checkpointing}",
         f"+actor_rollout_ref.model.override_config.attn_implementation={args.attn}",
         "actor_rollout_ref.actor.strategy=fsdp2",
         "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
@@ -451,7 +453,7 @@ def _child_cmd(args, mode: str, ratio: float, model_dir: Path, result: Path) -> 
         cmd += ["--intermediate", str(args.intermediate)]
     if args.profile_memory:
         cmd += ["--profile-dir", str(Path(args.out).resolve() / "profiles")]
-    for flag in ("tied", "no_remove_padding", "gradient_checkpointing", "no_malloc_tuning"):
+    for flag in ("tied", "no_remove_padding", "no_gradient_checkpointing", "no_malloc_tuning"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")
     return cmd
@@ -488,7 +490,8 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
 
     setup = (f"{args.device}, {args.dtype}, Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
              f"{', tied' if args.tied else ''}, {args.batch} x ({args.prompt_len} prompt + {args.response_len} response)"
-             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, attn {args.attn}"
+             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, gradient "
+             f"checkpointing {'off' if getattr(args, 'no_gradient_checkpointing', False) else 'on'}, attn {args.attn}"
              f"{f', {args.threads} torch thread(s)' if getattr(args, 'threads', None) else ''}")
     lines = [
         "# Actor update step: verl full logits vs tip_verl sparse LM head", "", setup, "",
@@ -555,8 +558,10 @@ def main(argv=None) -> int:
     if args.from_raw:  # rebuild the reports of an earlier run
         raw = json.loads(Path(args.from_raw).read_text())
         for key in ("device", "dtype", "hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch",
-                    "no_remove_padding", "attn", "threads"):
+                    "no_remove_padding", "no_gradient_checkpointing", "attn", "threads"):
             setattr(args, key, raw["args"].get(key))
+        if "no_gradient_checkpointing" not in raw["args"]:  # raw files written before the flag was inverted
+            args.no_gradient_checkpointing = not raw["args"].get("gradient_checkpointing", False)
         baselines = {float(k): v for k, v in raw["baseline"].items()}
         tips = {float(k): v for k, v in raw["tip"].items()}
     else:

@@ -51,7 +51,8 @@ def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
 
 @pytest.mark.slow
 def test_bad_tip_flag_fails_at_start_before_any_model_loads(tiny_assets, tmp_path):
-    out, steps, _ = run_example("run_tiny_opd.sh", ["+tip.ratio=0"], tiny_assets, tmp_path, expect_ok=False)
+    # no "+": the script already sets +tip.ratio
+    out, steps, _ = run_example("run_tiny_opd.sh", ["tip.ratio=0"], tiny_assets, tmp_path, expect_ok=False)
     assert "TIPConfig.ratio=0.0 is invalid: must be in (0, 1]" in out, out[-3000:]
     assert not steps
     assert "Before FSDP" not in out  # verl's engine never started building a model

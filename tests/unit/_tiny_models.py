@@ -104,7 +104,10 @@ def build_tiny_qwen2(
 
 
 def actor_config(model_path: str, overrides: Sequence[str] = ()):
-    """verl's ``actor_rollout_ref`` config (hydra, ``ppo_trainer``) for a float32 FSDP2 actor on the CPU."""
+    """verl's ``actor_rollout_ref`` config (hydra, ``ppo_trainer``) for a float32 FSDP2 actor on the CPU.
+
+    ``overrides`` (hydra syntax) replace the defaults below that set the same key.
+    """
     import verl
     from hydra import compose, initialize_config_dir
 
@@ -134,6 +137,11 @@ def actor_config(model_path: str, overrides: Sequence[str] = ()):
         "trainer.device=cpu",
         "trainer.n_gpus_per_node=1",
     ]
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    overridden = {key(o) for o in overrides}
+    base = [o for o in base if key(o) not in overridden]
     with initialize_config_dir(config_dir=cfg_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=base + list(overrides))
     return cfg.actor_rollout_ref

@@ -1,10 +1,11 @@
 """Exactness of the sparse update-step LM head (tip_verl.verl_adapter.sparse_lm_head) against verl.
 
-Every case runs verl's real actor engine (``FSDPEngineWithLMHead``, FSDP2, float32, CPU) twice on the
-same tiny random Qwen2 and the same update batch: once as verl ships it (logits for every packed
-token, keep-mask applied only through ``response_mask``/``loss_mask`` in ``ppo_loss``) and once
-through :class:`SparseLMHeadTrainingWorker` (set as ``actor_worker_cls`` of verl's
-``ActorRolloutRefWorker``, as the TIP worker does). Loss and every parameter gradient must match.
+Every case runs verl's real actor engine (``FSDPEngineWithLMHead`` as registered for tip_verl's CPU
+platform; FSDP2, float32) twice on the same tiny random Qwen2 and the same update batch: once as
+verl ships it (logits for every packed token, keep-mask applied only through
+``response_mask``/``loss_mask`` in ``ppo_loss``) and once through
+:class:`SparseLMHeadTrainingWorker` (set as ``actor_worker_cls`` of verl's ``ActorRolloutRefWorker``,
+as the TIP worker does). Loss and every parameter gradient must match.
 
 The engines run in one child process (this file run as a script): verl resolves its platform once
 per process and a one-rank process group is created there, so the cases do not depend on which
@@ -37,6 +38,9 @@ ENGINES = {
     "rmpad": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False},
     "padded": {"use_remove_padding": False, "use_fused_kernels": False, "tied": False},
     "tied_rmpad": {"use_remove_padding": True, "use_fused_kernels": False, "tied": True},
+    # verl's default: activation checkpointing of the decoder layers
+    "rmpad_gradient_checkpointing": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False,
+                                     "overrides": ["actor_rollout_ref.model.enable_gradient_checkpointing=True"]},
     # packed micro-batches right-padded to a bucket multiple (engine_config.pad_to_length)
     "rmpad_pad_to_length": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False,
                             "overrides": ["actor_rollout_ref.actor.pad_to_length=True",
@@ -275,6 +279,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sparse_lm_head")
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
+    env.pop("TIP_VERL_SPARSE_LM_HEAD", None)  # the switch is exercised explicitly
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), str(out)],
         env=env, capture_output=True, text=True, timeout=1500,
