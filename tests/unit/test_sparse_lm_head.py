@@ -186,6 +186,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
             "sparse_is_its_sparse_variant": sparse_cls is slh.sparse_engine_class(plain_cls)
             and issubclass(sparse_cls, plain_cls),
             "names": (plain_cls.__name__, sparse_cls.__name__),
+            "gradient_checkpointing": bool(getattr(sparse.actor.engine.module.model, "gradient_checkpointing", False)),
         }
 
         for seed, (case_name, case) in enumerate(BATCH_CASES.items()):
@@ -317,6 +318,7 @@ def test_engines_are_swapped_only_for_the_sparse_worker(results):
     for engine_name, meta in results["meta"].items():
         assert meta["plain_is_verl_engine"], (engine_name, meta["names"])
         assert meta["sparse_is_its_sparse_variant"], (engine_name, meta["names"])
+        assert meta["gradient_checkpointing"] == ("gradient_checkpointing" in engine_name), engine_name
 
 
 def test_log_prob_pass_is_unchanged(results):
