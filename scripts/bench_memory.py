@@ -92,8 +92,12 @@ def parse_args(argv=None):
                    help="after the measured steps, profile one more step with torch.profiler(profile_memory=True) "
                         "and write its memory timeline (by category) and top allocating ops under --out")
     # internal: one configuration in this process
+    p.add_argument("--teacher-topk", default=None,
+                   help="instead of the update step, measure the teacher (ref) forward pass of the TIP worker "
+                        "for these comma-separated top-k sizes (0 = sampled-token log-probs only, verl's ref "
+                        "pass), e.g. 0,64: peak memory, time and the bytes per token of the top-k transfer")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["baseline", "tip"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["baseline", "tip", "teacher"], help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -323,11 +327,13 @@ def run_worker(args) -> dict:
     class TipActor(ActorRolloutRefWorker):
         actor_worker_cls = SparseLMHeadTrainingWorker
 
-    worker_cls = TipActor if args.mode == "tip" else ActorRolloutRefWorker
+    worker_cls = TipActor if args.mode in ("tip", "teacher") else ActorRolloutRefWorker
     worker = worker_cls(config=actor_config(args, args.model_dir), role="actor")
     worker.init_model()
     engine_cls = type(worker.actor.engine).__name__
     keep = keep_mask(args, args.ratio)
+    if args.mode == "teacher":
+        return run_teacher_pass(args, worker, keep, engine_cls)
 
     def step():
         out = worker.update_actor(update_batch(args, keep))
@@ -389,6 +395,82 @@ def run_worker(args) -> dict:
         "memory_step": memory,
         "pg_loss": float(pg_loss[0] if isinstance(pg_loss, list) else pg_loss) if pg_loss is not None else None,
     }
+
+
+def run_teacher_pass(args, worker, keep, engine_cls: str) -> dict:
+    """The TIP trainer's teacher pass (forward only, ``compute_log_prob``) with top-k k = ``args.ratio``.
+
+    k = 0 is verl's ref pass (sampled-token log-probs). Same probes as the update step.
+    """
+    import torch
+
+    from verl.utils import tensordict_utils as tu
+
+    from tip_verl.verl_adapter import topk_signal
+
+    k = int(args.ratio)
+
+    def batch():
+        td = update_batch(args, keep)
+        tu.assign_non_tensor(td, compute_loss=False, micro_batch_size_per_gpu=args.batch)
+        if k:
+            tu.assign_non_tensor(td, **{topk_signal.FLAG_TEACHER_TOPK: k})
+        return td
+
+    out = worker.compute_log_prob(batch())  # warm-up
+    td = batch()
+    gc.collect()
+    malloc_trim()
+    before = rss_bytes()
+    hwm_ok = reset_hwm()
+    with RSSSampler() as sampler:
+        out = worker.compute_log_prob(td)
+    hwm = hwm_bytes() if hwm_ok else 0
+    peak = max(hwm, sampler.peak) - before
+    transfer = 0
+    for key in (topk_signal.TEACHER_TOPK_LOGPROBS, topk_signal.TEACHER_TOPK_IDS):
+        if k:
+            transfer += tu.get(out, key).values().nbytes
+    if not args.no_malloc_tuning:
+        malloc_steady_state()
+    timings = []
+    for _ in range(args.steps):
+        td = batch()
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        worker.compute_log_prob(td)
+        timings.append({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0})
+    response_tokens = args.batch * args.response_len
+    return {
+        "mode": "teacher", "ratio": k, "topk": k, "engine": engine_cls, "kept_tokens": response_tokens,
+        "response_tokens": response_tokens, "total_tokens": args.batch * (args.prompt_len + args.response_len),
+        "peak_bytes": peak, "seconds": min(r["seconds"] for r in timings),
+        "cpu_seconds": min(r["cpu_seconds"] for r in timings), "timing_steps": timings,
+        "transfer_bytes": transfer, "transfer_bytes_per_token": transfer / response_tokens,
+        "logits_bytes": args.batch * (args.prompt_len + args.response_len) * args.vocab * 4,
+        "memory_step": {"peak_bytes": peak, "before_bytes": before, "hwm_reset": hwm_ok},
+    }
+
+
+def teacher_report(args, recs: list[dict], out: Path) -> None:
+    """bench_teacher_pass.{json,md}: peak memory / time of the teacher pass per top-k size."""
+    base = recs[0]
+    lines = [
+        "| teacher pass | peak memory (GiB) | peak / sampled | step wall (s) | step CPU (s) | "
+        "top-k transfer (bytes / response token) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rec in recs:
+        name = "sampled token only (verl's ref pass)" if rec["topk"] == 0 else f"top-{rec['topk']}"
+        lines.append(f"| {name} | {rec['peak_bytes'] / 2**30:.3f} | {rec['peak_bytes'] / base['peak_bytes']:.3f} | "
+                     f"{rec['seconds']:.2f} | {rec['cpu_seconds']:.2f} | {rec['transfer_bytes_per_token']:.0f} |")
+    header = (f"Teacher (ref) forward pass, one run of `python scripts/bench_memory.py --teacher-topk "
+              f"{args.teacher_topk}{' --threads ' + str(args.threads) if args.threads else ''}`: Qwen2 hidden "
+              f"{args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, {args.batch} x "
+              f"({args.prompt_len} + {args.response_len}) tokens, one micro-batch, {args.device}. The full logits "
+              f"of the pass alone are {base['logits_bytes'] / 2**30:.2f} GiB.")
+    (out / "bench_teacher_pass.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    (out / "bench_teacher_pass_raw.json").write_text(json.dumps({"args": vars(args), "runs": recs}, indent=1))
 
 
 def profile_step(args, worker, keep, out: Path) -> None:
@@ -555,6 +637,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.teacher_topk is not None:
+        if args.device != "cpu":
+            raise SystemExit("--teacher-topk measures host memory; run it with --device cpu")
+        with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
+            work = Path(tmp)
+            model_dir = build_model(work / "model", args)
+            recs = [run_config(args, "teacher", int(k), model_dir, work) for k in args.teacher_topk.split(",")]
+        teacher_report(args, recs, out)
+        print((out / "bench_teacher_pass.md").read_text())
+        return 0
     if args.from_raw:  # rebuild the reports of an earlier run
         raw = json.loads(Path(args.from_raw).read_text())
         for key in ("device", "dtype", "hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch",

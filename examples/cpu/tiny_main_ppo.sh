@@ -3,8 +3,10 @@
 # tiny assets (a tiny Qwen2 student and a trained, larger Qwen2 teacher on multi-digit addition).
 # A few steps, a few minutes on 2 cores, no GPU, no network. Called by the recipes beside it:
 #
-#   examples/cpu/tiny_main_ppo.sh opd  [hydra overrides...]   # OPD with TIP (run_tiny_opd.sh)
-#   examples/cpu/tiny_main_ppo.sh grpo [hydra overrides...]   # plain GRPO   (run_tiny_grpo.sh)
+#   examples/cpu/tiny_main_ppo.sh opd        [hydra overrides...]  # OPD with TIP, ref = teacher (run_tiny_opd.sh)
+#   examples/cpu/tiny_main_ppo.sh opd_server [hydra overrides...]  # OPD with TIP on verl's teacher server
+#                                                                   # (run_tiny_opd_server.sh)
+#   examples/cpu/tiny_main_ppo.sh grpo       [hydra overrides...]  # plain GRPO (run_tiny_grpo.sh)
 #
 # Caller's overrides are appended last, so they win (e.g. trainer.total_training_steps=2, +tip.ratio=0.2).
 #
@@ -15,10 +17,10 @@
 # tip_verl/verl_adapter/cpu_overrides.py (env: --env, Hydra overrides: default output).
 set -euo pipefail
 
-RECIPE="${1:?usage: tiny_main_ppo.sh opd|grpo [hydra overrides...]}"; shift
+RECIPE="${1:?usage: tiny_main_ppo.sh opd|opd_server|grpo [hydra overrides...]}"; shift
 case "$RECIPE" in
-  opd|grpo) ;;
-  *) echo "tiny_main_ppo.sh: unknown recipe '$RECIPE' (use opd or grpo)" >&2; exit 2 ;;
+  opd|opd_server|grpo) ;;
+  *) echo "tiny_main_ppo.sh: unknown recipe '$RECIPE' (use opd, opd_server or grpo)" >&2; exit 2 ;;
 esac
 TAG="run_tiny_$RECIPE"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -69,6 +71,26 @@ if [[ "$RECIPE" == opd ]]; then
     actor_rollout_ref.actor.optim.lr=1e-3
   )
   SUMMARY_KEYS="critic/score/mean actor/pg_loss tip/kept_fraction tip/reverse_kl_mean tip/kept_reverse_kl_mean tip/q3_share tip/q3_kept_share timing_s/step"
+elif [[ "$RECIPE" == opd_server ]]; then
+  # The same TIP selection on verl's native distillation: the teacher runs on verl's teacher server
+  # (the hf server on the CPU, vLLM/SGLang on GPUs); TIP masks verl's distillation loss (here k1 as
+  # a policy-gradient reward, task rewards off). verl still computes a GRPO advantage, unused here.
+  RECIPE_OVERRIDES=(
+    trainer.v1.trainer_mode=tip_sync
+    algorithm.adv_estimator=grpo
+    distillation.enabled=True
+    distillation.nnodes=1
+    distillation.teacher_models.teacher_model.model_path="$ASSET_TEACHER"
+    distillation.distillation_loss.loss_mode=k1
+    distillation.distillation_loss.use_policy_gradient=True
+    distillation.distillation_loss.use_task_rewards=False
+    +tip.method=soft_or
+    +tip.ratio=0.5
+    actor_rollout_ref.actor.use_kl_loss=False
+    actor_rollout_ref.actor.entropy_coeff=0
+    actor_rollout_ref.actor.optim.lr=1e-3
+  )
+  SUMMARY_KEYS="critic/score/mean actor/distillation/loss tip/kept_fraction tip/divergence_mean tip/kept_divergence_mean tip/q3_share timing_s/step"
 else
   RECIPE_OVERRIDES=(
     algorithm.adv_estimator=grpo

@@ -131,7 +131,6 @@ def test_verl_config_contradictions_fail_naming_the_flag(tmp_path):
         ("actor_rollout_ref.actor.use_kl_loss", True),
         ("algorithm.use_kl_in_reward", True),
         ("reward.reward_model.enable", True),
-        ("distillation.enabled", True),
         ("actor_rollout_ref.actor.entropy_coeff", 0.01),
         ("algorithm.adv_estimator", "grpo"),
         ("trainer.v1.trainer_mode", "sync"),
@@ -139,3 +138,77 @@ def test_verl_config_contradictions_fail_naming_the_flag(tmp_path):
     ]:
         with pytest.raises(TIPConfigError, match=flag.split(".")[-1]):
             validate_verl_config(_verl_cfg(tmp_path, **{flag: value}))
+
+
+def test_topk_signal_flags(tmp_path):
+    run = _run(tmp_path, teacher_signal="topk")
+    assert (run.teacher_signal, run.topk_k, run.loss, run.teacher_source) == ("topk", 64, "pg", "ref")
+    assert _run(tmp_path, teacher_signal="topk", topk_k=8, loss="topk_reverse_kl").topk_k == 8
+    for tip, match in [
+        ({"topk_k": 8}, r"\+tip.topk_k=8 is only used with \+tip.teacher_signal=topk"),
+        ({"teacher_signal": "topk", "topk_k": 0}, r"\+tip.topk_k=0 is invalid"),
+        ({"teacher_signal": "full"}, r"\+tip.teacher_signal=full is invalid"),
+        ({"loss": "topk_reverse_kl"}, r"needs the teacher's top-k: set \+tip.teacher_signal=topk"),
+        ({"loss": "ce"}, r"\+tip.loss=ce is invalid"),
+        ({"teacher_signal": "topk", "loss": "topk_reverse_kl", "advantage_estimator": "k3"},
+         r"advantage_estimator=k3 is only used with \+tip.loss=pg"),
+        ({"teacher_signal": "topk", "loss": "topk_reverse_kl", "method": "entropy_sample",
+          "sampling_mode": "poisson", "importance_weighting": True}, "importance_weighting"),
+    ]:
+        with pytest.raises(TIPConfigError, match=match):
+            _run(tmp_path, **tip)
+    topk_cfg = {"tip.teacher_signal": "topk"}
+    assert validate_verl_config(_verl_cfg(tmp_path, **topk_cfg)).teacher_signal == "topk"
+    for flag, value in [("actor_rollout_ref.model.use_fused_kernels", True),
+                        ("algorithm.rollout_correction.bypass_mode", True)]:
+        with pytest.raises(TIPConfigError, match=flag):
+            validate_verl_config(_verl_cfg(tmp_path, **topk_cfg, **{flag: value}))
+
+
+def _server_cfg(tmp_path, loss_mode="k3", **over):
+    cfg = _verl_cfg(tmp_path, **{"distillation.enabled": True, "algorithm.adv_estimator": "grpo",
+                                 "distillation.distillation_loss.loss_mode": loss_mode,
+                                 "distillation.distillation_loss.topk": 32})
+    cfg.tip.pop("teacher_path")
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v, force_add=True)
+    return cfg
+
+
+def test_native_teacher_server_path(tmp_path):
+    run = validate_verl_config(_server_cfg(tmp_path))
+    assert (run.teacher_source, run.teacher_signal, run.teacher_path) == ("server", "sampled", None)
+    run = validate_verl_config(_server_cfg(tmp_path, "forward_kl_topk"))
+    assert (run.teacher_signal, run.topk_k) == ("topk", 32)
+    assert validate_verl_config(_server_cfg(tmp_path, "forward_kl_topk", **{"tip.teacher_signal": "topk"}))
+    for over, match in [
+        ({"algorithm.adv_estimator": "tip_opd"}, "adv_estimator=tip_opd is for the ref-as-teacher path"),
+        ({"tip.teacher_path": str(tmp_path)}, r"\+tip.teacher_path does not apply with distillation.enabled"),
+        ({"tip.teacher_signal": "topk"}, "disagrees with distillation.distillation_loss.loss_mode=k3"),
+        ({"tip.topk_k": 8}, r"\+tip.topk_k does not apply"),
+        ({"tip.loss": "topk_reverse_kl"}, r"\+tip.loss does not apply"),
+        ({"tip.method": "entropy_sample", "tip.sampling_mode": "poisson", "tip.importance_weighting": True},
+         "importance_weighting"),
+        ({"distillation.distillation_loss.loss_mode": "nope"}, "loss_mode=nope"),
+    ]:
+        with pytest.raises(TIPConfigError, match=match):
+            validate_verl_config(_server_cfg(tmp_path, **over))
+
+
+def test_topk_step_with_server_teacher_has_zero_advantages_and_topk_metrics(tmp_path):
+    lp_s, _, ent, mask = _batch(seed=4)
+    g = torch.Generator().manual_seed(9)
+    B, T = mask.shape
+    k = 5
+    teacher_top = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).topk(k, dim=-1)
+    student_at = torch.log_softmax(torch.randn(B, T, V, generator=g), -1).gather(-1, teacher_top.indices)
+    run = validate_verl_config(_server_cfg(tmp_path, "forward_kl_topk", **{"tip.method": "q3"}))
+    step = opd_step(run, student_logprobs=lp_s, teacher_logprobs=None, entropy_nats=ent, response_mask=mask,
+                    vocab_size=V, teacher_topk_logprobs=teacher_top.values, teacher_topk_ids=teacher_top.indices,
+                    student_topk_logprobs=student_at)
+    assert not bool(step.advantages.any())
+    assert 0 < int(step.keep_mask.sum()) < int(mask.sum())
+    assert step.metrics["tip/topk_reverse_kl_mean"] > 0 and "tip/reverse_kl_mean" not in step.metrics
+    with pytest.raises(ValueError, match="needs teacher_logprobs"):
+        opd_step(run, student_logprobs=lp_s, teacher_logprobs=None, entropy_nats=ent, response_mask=mask,
+                 vocab_size=V)

@@ -14,6 +14,8 @@ from tip_verl import TIPConfig, normalized_entropy, sampled_token_divergence, se
 from tip_verl.verl_adapter.opd import opd_step
 from tip_verl.verl_adapter.opd_config import TIPRunConfig
 
+from .hf_forward import hf_response_logits
+
 PROMPTS = [f"what is {a} plus {b}" for a, b in [(12, 7), (3, 45), (101, 9), (66, 66)]]
 
 
@@ -32,14 +34,7 @@ def signals(tiny_assets):
 
 
 def _hf_logprobs(path, batch):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    P = batch["prompts"].shape[1]
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-    lp = torch.log_softmax(logits[:, P - 1:-1].float(), -1)
+    lp = torch.log_softmax(hf_response_logits(path, batch), -1)
     return lp.gather(-1, batch["responses"][..., None]).squeeze(-1) * batch["response_mask"]
 
 

@@ -129,6 +129,19 @@ def to_no_padding(batch, **meta):
     return td
 
 
+def response_nested(batch, tensor: torch.Tensor) -> torch.Tensor:
+    """A padded response-aligned ``[B, R, *]`` tensor as nested ``(B, R_i, *)`` (R_i = response lengths)."""
+    prompt_width = batch["prompts"].shape[1]
+    lengths = batch["attention_mask"][:, prompt_width:].sum(1).tolist()
+    return torch.nested.as_nested_tensor([tensor[i, :n] for i, n in enumerate(lengths)], layout=torch.jagged)
+
+
+def response_padded(nested: torch.Tensor, batch) -> torch.Tensor:
+    """A nested ``(B, R_i, *)`` worker output as ``[B, R, *]`` (R = the batch's response width), zero-padded."""
+    B, R = batch["responses"].shape
+    return torch.nested.to_padded_tensor(nested, 0, output_size=(B, R, *nested.shape[2:]))
+
+
 @dataclass
 class LocalWorkers:
     """An actor worker and an optional reference worker of verl, built in this process."""
@@ -260,35 +273,57 @@ class LocalWorkers:
         configured = int(configured or batch_size)
         return math.gcd(batch_size, configured) if batch_size % configured else configured
 
-    def log_probs(self, batch, entropy: bool = False, temperature: Optional[float] = None) -> dict[str, torch.Tensor]:
-        """Actor ``compute_log_prob`` (the trainer's old-log-prob step) -> ``{"log_probs", ["entropy"]}`` [B, R]."""
+    def log_probs(self, batch, entropy: bool = False, temperature: Optional[float] = None,
+                  gather_topk_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Actor ``compute_log_prob`` (the trainer's old-log-prob step) -> ``{"log_probs", ["entropy"]}`` [B, R].
+
+        ``gather_topk_ids`` ([B, R, k], the teacher's top-k ids) also returns the student's log-probs at
+        them as ``"topk_log_probs"`` [B, R, k], as the tip_sync trainer's pass with the top-k signal does.
+        """
         from verl.utils import tensordict_utils as tu
+
+        from tip_verl.verl_adapter import topk_signal
 
         t = self.temperature if temperature is None else temperature
         micro = self._micro(len(batch), self.arr.rollout.log_prob_micro_batch_size_per_gpu)
-        td = to_no_padding(
-            batch, calculate_entropy=entropy, compute_loss=False, temperature=t, micro_batch_size_per_gpu=micro
-        )
+        meta = dict(calculate_entropy=entropy, compute_loss=False, temperature=t, micro_batch_size_per_gpu=micro)
+        if gather_topk_ids is not None:
+            meta[topk_signal.FLAG_GATHER_IDS] = topk_signal.TEACHER_TOPK_IDS
+        td = to_no_padding(batch, **meta)
+        if gather_topk_ids is not None:
+            td[topk_signal.TEACHER_TOPK_IDS] = response_nested(batch, gather_topk_ids)
         out = self.actor.compute_log_prob(td)
         ref_td = to_no_padding(batch)
         res = {"log_probs": padded(tu.get(out, "log_probs"), ref_td).float() * batch["response_mask"]}
         if entropy:
             res["entropy"] = padded(tu.get(out, "entropy"), ref_td).float() * batch["response_mask"]
+        if gather_topk_ids is not None:
+            res["topk_log_probs"] = response_padded(tu.get(out, topk_signal.STUDENT_TOPK_LOGPROBS), batch)
         return res
 
-    def ref_log_probs(self, batch, temperature: Optional[float] = None) -> torch.Tensor:
-        """Reference worker ``compute_ref_log_prob`` (sampled tokens only) -> [B, R]."""
+    def ref_log_probs(self, batch, temperature: Optional[float] = None, topk: int = 0):
+        """Reference worker ``compute_ref_log_prob`` -> [B, R] sampled-token log-probs.
+
+        ``topk > 0`` returns ``(log_probs, topk_log_probs, topk_ids)``, the last two [B, R, k]: the
+        teacher's top-k as the tip_sync trainer requests it with ``+tip.teacher_signal=topk``.
+        """
         from verl.utils import tensordict_utils as tu
+
+        from tip_verl.verl_adapter import topk_signal
 
         if self.ref is None:
             raise RuntimeError("built without a reference worker (with_ref=False)")
         t = self.temperature if temperature is None else temperature
         micro = self._micro(len(batch), self.arr.ref.log_prob_micro_batch_size_per_gpu)
-        td = to_no_padding(
-            batch, calculate_entropy=False, compute_loss=False, temperature=t, micro_batch_size_per_gpu=micro
-        )
-        out = self.ref.compute_ref_log_prob(td)
-        return padded(tu.get(out, "log_probs"), to_no_padding(batch)).float() * batch["response_mask"]
+        meta = dict(calculate_entropy=False, compute_loss=False, temperature=t, micro_batch_size_per_gpu=micro)
+        if topk:
+            meta[topk_signal.FLAG_TEACHER_TOPK] = int(topk)
+        out = self.ref.compute_ref_log_prob(to_no_padding(batch, **meta))
+        log_probs = padded(tu.get(out, "log_probs"), to_no_padding(batch)).float() * batch["response_mask"]
+        if not topk:
+            return log_probs
+        return (log_probs, response_padded(tu.get(out, topk_signal.TEACHER_TOPK_LOGPROBS), batch),
+                response_padded(tu.get(out, topk_signal.TEACHER_TOPK_IDS), batch))
 
     def update(
         self,
@@ -300,6 +335,7 @@ class LocalWorkers:
         mini_batch_size: Optional[int] = None,
         epochs: int = 1,
         extra_fields: Optional[dict[str, torch.Tensor]] = None,
+        teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         **meta: Any,
     ) -> dict[str, Any]:
         """One ``update_actor`` call on ``batch`` (the trainer's actor step); returns verl's metrics.
@@ -307,8 +343,11 @@ class LocalWorkers:
         ``advantages``: [B, R] or [B] (broadcast over the response). ``old_log_probs`` default to the
         actor's current log-probs (on-policy); ``ref_log_probs`` default to the reference worker's when
         the actor config uses a KL loss. ``extra_fields`` are added to the batch (e.g. masks a custom loss
-        reads); ``meta`` overrides the trainer's non-tensor meta-data.
+        reads); ``teacher_topk`` ([B, R, k] log-probs, ids) are the teacher's top-k as the update step of
+        ``+tip.loss=topk_reverse_kl`` receives them; ``meta`` overrides the trainer's non-tensor meta-data.
         """
+        from tip_verl.verl_adapter import topk_signal
+
         from verl.utils import tensordict_utils as tu
 
         arr = self.arr
@@ -339,8 +378,14 @@ class LocalWorkers:
             temperature=self.temperature,
             micro_batch_size_per_gpu=self._micro(mbs, arr.actor.ppo_micro_batch_size_per_gpu),
         )
+        if teacher_topk is not None:
+            info[topk_signal.FLAG_TOPK_LOSS] = True
         info.update(meta)
-        out = self.actor.update_actor(to_no_padding(data, **info))
+        td = to_no_padding(data, **info)
+        if teacher_topk is not None:
+            td[topk_signal.TEACHER_TOPK_LOGPROBS] = response_nested(batch, teacher_topk[0])
+            td[topk_signal.TEACHER_TOPK_IDS] = response_nested(batch, teacher_topk[1])
+        out = self.actor.update_actor(td)
         return dict(tu.get(out, "metrics"))
 
     def close(self) -> None:
@@ -358,6 +403,7 @@ def build_local_workers(
     overrides: Sequence[str] = (),
     with_ref: bool = True,
     check: bool = True,
+    tip_loss: str = "pg",
 ) -> LocalWorkers:
     """Build verl's actor (and reference) ``ActorRolloutRefWorker`` on the CPU in this process.
 
@@ -371,6 +417,8 @@ def build_local_workers(
             ``actor_rollout_ref.actor.use_kl_loss=True``); they win over the CPU and local defaults.
         with_ref: also build the reference worker.
         check: run the CPU start-up checks (model directories, tokenizer) first.
+        tip_loss: with a ``ref_model_path``, the tip actor's loss (``pg`` = verl's ppo_loss, or
+            ``topk_reverse_kl``), as ``+tip.loss`` sets it in tip_sync.
     """
     ensure_cpu_platform()
     _ensure_world_of_one()
@@ -397,11 +445,12 @@ def build_local_workers(
     arr = config.actor_rollout_ref.copy()
     if ref_model_path is not None:
         # The workers of the tip_sync trainer: ref = the teacher checkpoint, actor = sparse lm_head update.
-        from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY, TIPActorRolloutRefWorker
+        from tip_verl.verl_adapter.teacher import LOSS_KEY, TEACHER_PATH_KEY, TIPActorRolloutRefWorker
 
         worker_cls = TIPActorRolloutRefWorker
         with open_dict(arr):
             arr[TEACHER_PATH_KEY] = ref_model_path
+            arr[LOSS_KEY] = tip_loss
     actor = worker_cls(config=arr.copy(), role="actor")
     actor.init_model()
     ref = None

@@ -28,10 +28,13 @@ def opd_step(
     run: TIPRunConfig,
     *,
     student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
     entropy_nats: torch.Tensor,
     response_mask: torch.Tensor,
     vocab_size: int,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    student_topk_logprobs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> OPDStep:
     """Select tokens (paper Eq. 5-6) and set the OPD advantage to minus the reverse-KL estimate.
@@ -40,30 +43,53 @@ def opd_step(
     Eq. 7: the mean over kept tokens only. With poisson entropy sampling and importance weighting,
     kept advantages are multiplied by ``(|S| / M) / pi_t`` (App. A.2): token-mean then divides by |S|,
     so the step estimates the all-token mean ``(1/M) * sum_t g_t`` without bias.
+
+    With the teacher's top-k (``[B, T, k]`` log-probs and ids, and the student's log-probs at those
+    ids) the selection's δ and forward KL are the top-k-plus-tail forms (Eq. 3). The advantage stays
+    the estimate at the *sampled* token (k1/k3): the score-function gradient needs a per-token
+    quantity that depends on the sampled token; the full top-k KL is what ``loss=topk_reverse_kl``
+    backpropagates directly. ``teacher_logprobs=None`` (verl's teacher server sends only the top-k)
+    gives zero advantages; verl's distillation loss then carries the signal.
     """
     response_mask = response_mask.bool()
+    have_sampled_teacher = teacher_logprobs is not None
+    if not have_sampled_teacher and teacher_topk_logprobs is None:
+        raise ValueError("opd_step needs teacher_logprobs, the teacher's top-k, or both")
     selection = select_for_batch(
         run.selection,
         entropy_nats=entropy_nats,
         vocab_size=vocab_size,
         student_logprobs=student_logprobs,
-        teacher_logprobs=teacher_logprobs,
+        # without a sampled-token teacher log-prob the top-k signals drive everything; this stand-in is unused
+        teacher_logprobs=teacher_logprobs if have_sampled_teacher else student_logprobs,
         response_mask=response_mask,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        teacher_topk_ids=teacher_topk_ids,
+        student_topk_logprobs=student_topk_logprobs,
         generator=generator,
     )
     keep = selection.keep_mask & response_mask
+    metrics = dict(selection.metrics)
+    n_keep = max(int(keep.sum()), 1)
+    if teacher_topk_logprobs is not None:
+        metrics["tip/topk_reverse_kl_mean"] = metrics["tip/divergence_mean"]
+        metrics["tip/kept_topk_reverse_kl_mean"] = metrics["tip/kept_divergence_mean"]
+        metrics["tip/topk_forward_kl_mean"] = (
+            float(selection.forward_divergence[response_mask].mean()) if response_mask.any() else 0.0
+        )
+    if not have_sampled_teacher:
+        return OPDStep(advantages=torch.zeros_like(student_logprobs, dtype=torch.float32), keep_mask=keep,
+                       selection=selection, metrics=metrics)
     reverse_kl = sampled_token_divergence(
         student_logprobs, teacher_logprobs, response_mask, estimator=run.advantage_estimator
     )
     advantages = torch.where(keep, -reverse_kl, torch.zeros_like(reverse_kl))
-    metrics = dict(selection.metrics)
     if selection.loss_weights is not None:
         kept, valid = int(keep.sum()), int(response_mask.sum())
         weights = selection.loss_weights * (kept / max(valid, 1))
         advantages = torch.where(keep, advantages * weights, advantages)
         metrics["tip/is_weight_mean"] = float(weights[keep].mean()) if kept else 0.0
         metrics["tip/is_weight_max"] = float(weights[keep].max()) if kept else 0.0
-    n_keep = max(int(keep.sum()), 1)
     metrics["tip/reverse_kl_mean"] = float(reverse_kl[response_mask].mean()) if response_mask.any() else 0.0
     metrics["tip/kept_reverse_kl_mean"] = float(reverse_kl[keep].sum() / n_keep)
     return OPDStep(advantages=advantages, keep_mask=keep, selection=selection, metrics=metrics)

@@ -4,8 +4,11 @@ A job turns TIP on with three things on verl's own command line::
 
     trainer.v1.trainer_mode=tip_sync algorithm.adv_estimator=tip_opd +tip.teacher_path=/path/to/teacher
 
-plus any :class:`tip_verl.TIPConfig` field as ``+tip.<field>=...`` (method, ratio, ...). Everything is
-checked here, on the driver, before any model loads; every error names the offending flag.
+plus any :class:`tip_verl.TIPConfig` field as ``+tip.<field>=...`` (method, ratio, ...), the teacher
+signal (``+tip.teacher_signal=sampled|topk``, ``+tip.topk_k``) and the loss (``+tip.loss=pg|topk_reverse_kl``).
+With verl's own teacher server (``distillation.enabled=true``) no teacher path and no ``tip_opd`` are
+given: TIP masks verl's distillation loss. Everything is checked here, on the driver, before any model
+loads; every error names the offending flag.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ TRAINER_MODE = "tip_sync"
 ADV_ESTIMATOR = "tip_opd"
 #: Per-token reverse-KL estimates usable as the OPD advantage (advantage = minus the estimate).
 ADVANTAGE_ESTIMATORS = ("k1", "k3")
+#: What the teacher hands over per response token: the sampled token's log-prob, or its top-k.
+TEACHER_SIGNALS = ("sampled", "topk")
+#: The actor loss: policy gradient with advantage -δ at the sampled token, or the direct top-k reverse KL.
+LOSSES = ("pg", "topk_reverse_kl")
+#: Where the teacher runs: the ref model of the actor's worker group, or verl's distillation teacher server.
+TEACHER_SOURCES = ("ref", "server")
 
 
 class TIPConfigError(ValueError):
@@ -29,20 +38,28 @@ class TIPConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TIPRunConfig:
-    """Everything under the ``tip`` node: the teacher, the OPD advantage and the token selection."""
+    """Everything under the ``tip`` node: the teacher, the OPD loss and the token selection."""
 
-    teacher_path: str
+    teacher_path: str | None  # the ref-as-teacher checkpoint; None with verl's teacher server
     advantage_estimator: str = "k1"
     selection: TIPConfig = dataclasses.field(default_factory=TIPConfig)
+    teacher_source: str = "ref"
+    teacher_signal: str = "sampled"
+    topk_k: int = 64
+    loss: str = "pg"
     #: Token records (tip_verl.records): every N steps a sample of per-token rows; 0 = off.
     records_every: int = 0
     records_max_rows: int = 2000
     records_dir: str | None = None  # default: <trainer.default_local_dir>/tip_records
 
-    RUN_KEYS = ("teacher_path", "advantage_estimator", "records_every", "records_max_rows", "records_dir")
+    RUN_KEYS = ("teacher_path", "advantage_estimator", "teacher_signal", "topk_k", "loss", "records_every",
+                "records_max_rows", "records_dir")
 
     @classmethod
-    def from_mapping(cls, node: Mapping[str, Any] | None) -> "TIPRunConfig":
+    def from_mapping(cls, node: Mapping[str, Any] | None, *, teacher_server: Mapping[str, Any] | None = None
+                     ) -> "TIPRunConfig":
+        """Parse the ``tip`` node. ``teacher_server`` describes verl's native distillation when it is on:
+        ``{"loss_mode": str, "use_topk": bool, "topk": int | None}`` (then the teacher is that server)."""
         node = dict(node or {})
         valid = set(cls.RUN_KEYS) | {f.name for f in dataclasses.fields(TIPConfig)}
         for key in node:
@@ -50,28 +67,19 @@ class TIPRunConfig:
                 close = difflib.get_close_matches(key, sorted(valid), n=1)
                 hint = f" Did you mean +tip.{close[0]}?" if close else ""
                 raise TIPConfigError(f"Unknown flag +tip.{key}.{hint} Valid keys: {', '.join(sorted(valid))}.")
-        teacher_path = node.pop("teacher_path", None)
-        if not teacher_path:
-            raise TIPConfigError(
-                "+tip.teacher_path is required: the reference model acts as the teacher and is loaded from it."
-            )
-        teacher_path = os.path.expanduser(str(teacher_path))
-        if not os.path.isdir(teacher_path):
-            raise TIPConfigError(f"+tip.teacher_path={teacher_path} is not a directory (a Hugging Face checkpoint).")
-        estimator = str(node.pop("advantage_estimator", "k1"))
-        if estimator not in ADVANTAGE_ESTIMATORS:
-            raise TIPConfigError(
-                f"+tip.advantage_estimator={estimator} is invalid: must be one of {', '.join(ADVANTAGE_ESTIMATORS)}."
-            )
-        records = {}
+        run: dict[str, Any] = {}
+        if teacher_server is None:
+            run.update(cls._ref_teacher(node))
+        else:
+            run.update(cls._server_teacher(node, teacher_server))
         for key, lowest in (("records_every", 0), ("records_max_rows", 1)):
             if key in node:
                 value = node.pop(key)
                 if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                     raise TIPConfigError(f"+tip.{key}={value} is invalid: must be an integer >= {lowest}.")
-                records[key] = value
+                run[key] = value
         if node.get("records_dir") is not None:
-            records["records_dir"] = os.path.expanduser(str(node.pop("records_dir")))
+            run["records_dir"] = os.path.expanduser(str(node.pop("records_dir")))
         node.pop("records_dir", None)
         # method=all keeps every token: let it stand alone without also asking for ratio=1.
         if node.get("method") == "all" and "ratio" not in node:
@@ -80,7 +88,79 @@ class TIPRunConfig:
             selection = TIPConfig.from_dict(node)
         except ValueError as e:
             raise TIPConfigError(f"Bad +tip.* flag: {e}") from e
-        return cls(teacher_path=teacher_path, advantage_estimator=estimator, selection=selection, **records)
+        if run.get("teacher_source") == "server" and selection.importance_weighting:
+            raise TIPConfigError(
+                "+tip.importance_weighting=True scales the tip_opd advantages of the ref-as-teacher path; verl's "
+                "distillation loss (distillation.enabled=true) does not read them. Remove it."
+            )
+        if run.get("loss") == "topk_reverse_kl" and selection.importance_weighting:
+            raise TIPConfigError(
+                "+tip.importance_weighting=True scales the policy-gradient advantages; it has no effect on "
+                "+tip.loss=topk_reverse_kl. Use +tip.loss=pg with importance weighting."
+            )
+        return cls(selection=selection, **run)
+
+    @staticmethod
+    def _choice(node: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = str(node.pop(key, default))
+        if value not in allowed:
+            raise TIPConfigError(f"+tip.{key}={value} is invalid: must be one of {', '.join(allowed)}.")
+        return value
+
+    @classmethod
+    def _ref_teacher(cls, node: dict) -> dict[str, Any]:
+        teacher_path = node.pop("teacher_path", None)
+        if not teacher_path:
+            raise TIPConfigError(
+                "+tip.teacher_path is required: the reference model acts as the teacher and is loaded from it "
+                "(or use verl's teacher server: distillation.enabled=true)."
+            )
+        teacher_path = os.path.expanduser(str(teacher_path))
+        if not os.path.isdir(teacher_path):
+            raise TIPConfigError(f"+tip.teacher_path={teacher_path} is not a directory (a Hugging Face checkpoint).")
+        signal = cls._choice(node, "teacher_signal", TEACHER_SIGNALS, "sampled")
+        loss = cls._choice(node, "loss", LOSSES, "pg")
+        run: dict[str, Any] = {"teacher_path": teacher_path, "teacher_signal": signal, "loss": loss}
+        if "topk_k" in node:
+            k = node.pop("topk_k")
+            if signal != "topk":
+                raise TIPConfigError(f"+tip.topk_k={k} is only used with +tip.teacher_signal=topk.")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise TIPConfigError(f"+tip.topk_k={k} is invalid: must be an integer >= 1.")
+            run["topk_k"] = k
+        if loss == "topk_reverse_kl":
+            if signal != "topk":
+                raise TIPConfigError("+tip.loss=topk_reverse_kl needs the teacher's top-k: set +tip.teacher_signal=topk.")
+            if "advantage_estimator" in node:
+                raise TIPConfigError(
+                    f"+tip.advantage_estimator={node['advantage_estimator']} is only used with +tip.loss=pg "
+                    "(+tip.loss=topk_reverse_kl backpropagates the top-k reverse KL directly)."
+                )
+        run["advantage_estimator"] = cls._choice(node, "advantage_estimator", ADVANTAGE_ESTIMATORS, "k1")
+        return run
+
+    @staticmethod
+    def _server_teacher(node: dict, server: Mapping[str, Any]) -> dict[str, Any]:
+        loss_mode = server["loss_mode"]
+        for key, why in (
+            ("teacher_path", "the teacher is distillation.teacher_models.*.model_path"),
+            ("loss", f"the loss is verl's distillation loss (distillation.distillation_loss.loss_mode={loss_mode})"),
+            ("advantage_estimator", f"verl's distillation loss {loss_mode} sets the per-token signal"),
+            ("topk_k", "k is distillation.distillation_loss.topk"),
+        ):
+            if key in node:
+                raise TIPConfigError(f"+tip.{key} does not apply with distillation.enabled=true: {why}. Remove it.")
+        signal = "topk" if server["use_topk"] else "sampled"
+        if "teacher_signal" in node and node.pop("teacher_signal") != signal:
+            raise TIPConfigError(
+                f"+tip.teacher_signal disagrees with distillation.distillation_loss.loss_mode={loss_mode}: verl's "
+                f"teacher server sends the {'top-k' if signal == 'topk' else 'sampled-token'} log-probs for this "
+                f"loss, so the TIP signal is {signal}. Drop +tip.teacher_signal or change the loss mode."
+            )
+        run: dict[str, Any] = {"teacher_path": None, "teacher_source": "server", "teacher_signal": signal}
+        if signal == "topk":
+            run["topk_k"] = int(server["topk"])
+        return run
 
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "selection"}
@@ -99,30 +179,51 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+def _teacher_server(config: Any) -> dict[str, Any] | None:
+    """verl's native distillation settings when ``distillation.enabled=true`` (else None)."""
+    if not bool(_get(config, "distillation.enabled", False)):
+        return None
+    from verl.trainer.distillation.losses import get_distillation_loss_settings
+
+    loss_mode = str(_get(config, "distillation.distillation_loss.loss_mode", "k3"))
+    try:
+        settings = get_distillation_loss_settings(loss_mode)
+    except ValueError as e:
+        raise TIPConfigError(f"distillation.distillation_loss.loss_mode={loss_mode}: {e}") from e
+    topk = _get(config, "distillation.distillation_loss.topk", None)
+    return {"loss_mode": loss_mode, "use_topk": bool(settings.use_topk), "topk": topk}
+
+
 def validate_verl_config(config: Any) -> TIPRunConfig:
     """Check a full verl job config for OPD with TIP; return the parsed ``tip`` node.
 
-    Raises :class:`TIPConfigError` naming the flag for every setting that contradicts OPD with the
-    reference model as teacher (KL-to-ref losses, entropy bonus, reward models, native distillation).
+    Two teacher paths: the reference model as teacher (``+tip.teacher_path``, ``algorithm.adv_estimator=tip_opd``)
+    or verl's own distillation teacher server (``distillation.enabled=true``, verl's distillation loss,
+    any verl advantage estimator). Raises :class:`TIPConfigError` naming the flag for every setting that
+    contradicts OPD with TIP (KL-to-ref losses, entropy bonus, reward models, LoRA, ...).
     """
     mode = _get(config, "trainer.v1.trainer_mode")
     adv = _get(config, "algorithm.adv_estimator")
+    server = _teacher_server(config)
     if mode != TRAINER_MODE:
         raise TIPConfigError(f"trainer.v1.trainer_mode={mode}: OPD with TIP needs trainer.v1.trainer_mode={TRAINER_MODE}.")
-    if adv != ADV_ESTIMATOR:
+    if server is None and adv != ADV_ESTIMATOR:
         raise TIPConfigError(
             f"algorithm.adv_estimator={adv}: with trainer.v1.trainer_mode={TRAINER_MODE} the advantage is the "
             f"teacher's per-token reverse KL; set algorithm.adv_estimator={ADV_ESTIMATOR}."
+        )
+    if server is not None and adv == ADV_ESTIMATOR:
+        raise TIPConfigError(
+            f"algorithm.adv_estimator={ADV_ESTIMATOR} is for the ref-as-teacher path; with distillation.enabled=true "
+            "the OPD signal is verl's distillation loss: keep a verl estimator (e.g. algorithm.adv_estimator=grpo)."
         )
     if not _get(config, "trainer.use_v1", True):
         raise TIPConfigError("trainer.use_v1=False: tip_verl plugs into verl's V1 trainer; set trainer.use_v1=True.")
     contradictions = [
         ("actor_rollout_ref.actor.use_kl_loss", False,
-         "the reference model is the teacher and the OPD loss is already the KL to it"),
-        ("algorithm.use_kl_in_reward", False, "the OPD advantage already is the per-token KL to the teacher"),
+         "the OPD loss is already the KL to the teacher, and the keep-mask would also mask a KL-to-ref loss"),
+        ("algorithm.use_kl_in_reward", False, "the OPD signal already is the per-token KL to the teacher"),
         ("reward.reward_model.enable", False, "OPD needs no reward model"),
-        ("distillation.enabled", False,
-         "verl's native distillation teacher and the ref-as-teacher path are alternatives; use one"),
     ]
     for flag, want, why in contradictions:
         value = _get(config, flag, want)
@@ -140,5 +241,22 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
             "actor_rollout_ref.model.lora_rank>0: with LoRA verl uses the adapter-free actor as the reference, "
             "so the ref cannot be a separate teacher. Disable LoRA for OPD with TIP."
         )
-    run = TIPRunConfig.from_mapping(_get(config, "tip"))
+    run = TIPRunConfig.from_mapping(_get(config, "tip"), teacher_server=server)
+    if run.teacher_signal == "topk":
+        if bool(_get(config, "actor_rollout_ref.model.use_fused_kernels", False)):
+            raise TIPConfigError(
+                "actor_rollout_ref.model.use_fused_kernels=True: the fused kernels never materialise the logits "
+                "that the top-k teacher signal is gathered from; set it to False."
+            )
+        if bool(_get(config, "algorithm.rollout_correction.bypass_mode", False)):
+            raise TIPConfigError(
+                "algorithm.rollout_correction.bypass_mode=True skips the old-log-prob pass that gathers the "
+                "student's top-k log-probs; set it to False with the top-k teacher signal."
+            )
+    if run.loss == "topk_reverse_kl" and os.environ.get("TIP_VERL_SPARSE_LM_HEAD", "1").strip().lower() in (
+            "0", "false", "no", "off"):
+        raise TIPConfigError(
+            "+tip.loss=topk_reverse_kl is computed from the sparse lm_head's kept-row logits, but "
+            "TIP_VERL_SPARSE_LM_HEAD=0 turns the sparse lm_head off; unset it or use +tip.loss=pg."
+        )
     return run

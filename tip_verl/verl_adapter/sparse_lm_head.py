@@ -38,6 +38,11 @@ positions are those whose ``loss_mask`` or ``response_mask`` is 1 (the union, so
 either mask sees exact values). Nested (jagged) and dense response masks, remove-padding on and off,
 dynamic batch size and a static packed pad (``pad_to_length``) are handled.
 
+The same overrides serve the teacher top-k signal (:mod:`~tip_verl.verl_adapter.topk_signal`): in
+forward-only passes they add the teacher's top-k or the student's log-probs at those ids to the
+outputs, and in the update step of ``+tip.loss=topk_reverse_kl`` they compute the top-k reverse KL
+of the kept rows from the same kept-row logits.
+
 Not covered (full computation, one ``logger.warning`` per reason): Ulysses sequence parallelism
 > 1, multimodal inputs / 3-D position ids, top-K distillation (needs full logits), Σπ² requests,
 engines that are not a plain ``FSDPEngineWithLMHead`` (Megatron, VeOmni, value heads, subclasses
@@ -66,6 +71,8 @@ from verl.workers.engine.fsdp.transformer_impl import (
     _scale_logits_by_temperature,
 )
 from verl.workers.engine_workers import TrainingWorker
+
+from . import topk_signal
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +113,6 @@ def _sparse_enabled_by_env() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Kept positions
 # ---------------------------------------------------------------------------------------------
-def _response_lengths(micro_batch) -> torch.Tensor:
-    """Per-sequence response lengths, computed as ``no_padding_2_padding`` does."""
-    if "responses" not in micro_batch.keys() or "prompts" not in micro_batch.keys():
-        raise _Unsupported("micro-batch has no 'prompts'/'responses' to locate the response tokens")
-    prompts, responses = micro_batch["prompts"], micro_batch["responses"]
-    if prompts.is_nested:
-        return responses.offsets().diff()
-    if "attention_mask" not in micro_batch.keys():
-        raise _Unsupported("dense 'responses' without 'attention_mask'")
-    attention_mask = micro_batch["attention_mask"]
-    return attention_mask[:, prompts.shape[1] :].sum(dim=1)
-
-
 def _dense_response_mask(mask: torch.Tensor, response_lens: torch.Tensor, name: str) -> torch.Tensor:
     """A response-aligned mask as a dense ``(bsz, max_response_len)`` bool tensor."""
     bsz = response_lens.shape[0]
@@ -146,16 +140,11 @@ def kept_logit_positions(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
     coordinates of ``micro_batch["input_ids"]`` (nested). A token is kept where ``loss_mask`` or
     ``response_mask`` is 1. Raises :class:`_Unsupported` for layouts it does not know.
     """
-    input_ids = micro_batch["input_ids"]
-    if not input_ids.is_nested:
-        raise _Unsupported("input_ids is not a nested (no-padding) tensor")
-    cu_seqlens = input_ids.offsets()
+    try:
+        cu_seqlens, response_lens, first_logit = topk_signal.first_response_logits(micro_batch)
+    except topk_signal.TopKSignalError as exc:
+        raise _Unsupported(str(exc)) from exc
     seq_lens = cu_seqlens.diff()
-    response_lens = _response_lengths(micro_batch).to(seq_lens.device, torch.long)
-    if response_lens.shape != seq_lens.shape:
-        raise _Unsupported("responses and input_ids disagree on the batch size")
-    if bool((seq_lens - response_lens < 1).any()):
-        raise _Unsupported("a sequence has an empty prompt (no logit position before its first response token)")
 
     masks = []
     for name in ("loss_mask", "response_mask"):
@@ -170,7 +159,6 @@ def kept_logit_positions(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
     keep &= torch.arange(width, device=keep.device).unsqueeze(0) < response_lens.unsqueeze(1)
 
     seq_index, token_index = keep.nonzero(as_tuple=True)
-    first_logit = cu_seqlens[:-1] + seq_lens - response_lens - 1  # predicts response token 0
     positions = first_logit[seq_index] + token_index
     return positions.long(), seq_index.long()
 
@@ -388,8 +376,16 @@ class SparseLMHeadMixin:
 
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
         plan: Optional[SparsePlan] = output_args.get("tip_sparse_plan")
+        wanted = topk_signal.requests(micro_batch)
         if plan is None:
-            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+            model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+            if "teacher_k" in wanted or "gather_from" in wanted:  # forward-only passes of teacher_signal=topk
+                use_remove_padding = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding",
+                                                                 default=True))
+                model_output.update(
+                    topk_signal.inference_outputs(output, output_args, micro_batch, wanted, use_remove_padding)
+                )
+            return model_output
         if plan.handle is not None:
             plan.handle.remove()
             plan.handle = None
@@ -398,11 +394,16 @@ class SparseLMHeadMixin:
                 raise RuntimeError("tip_verl sparse lm_head: the decoder hook did not run on the fused-kernel path")
             _warn_once(f"the forward of {type(_hf_model(self.module)).__name__} did not call its '.model' decoder")
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        return self._tip_sparse_outputs(output, output_args, plan)
+        return self._tip_sparse_outputs(output, output_args, plan, micro_batch, topk_loss=wanted.get("loss", False))
 
-    def _tip_sparse_outputs(self, output, output_args, plan: SparsePlan) -> dict:
+    def _tip_sparse_outputs(self, output, output_args, plan: SparsePlan, micro_batch, topk_loss: bool = False) -> dict:
         num_kept = plan.positions.shape[0]
         entropy_k = None
+        reverse_kl_k = None
+        if plan.use_fused_kernels and topk_loss:
+            raise topk_signal.TopKSignalError(
+                "+tip.loss=topk_reverse_kl needs the kept rows' logits: set actor_rollout_ref.model.use_fused_kernels=False"
+            )
         if plan.use_fused_kernels:
             log_probs_k = output.log_probs.reshape(-1)
             if plan.calculate_entropy:
@@ -426,6 +427,7 @@ class SparseLMHeadMixin:
                 # An empty sum keeps the (empty) autograd graph so backward still runs.
                 log_probs_k = logits.sum(dim=-1)
                 entropy_k = log_probs_k if plan.calculate_entropy else None
+                reverse_kl_k = log_probs_k if topk_loss else None
             else:
                 if plan.calculate_entropy:  # as verl does it, on the kept rows only
                     if self.engine_config.entropy_checkpointing:
@@ -436,8 +438,12 @@ class SparseLMHeadMixin:
                         )
                     else:
                         entropy_k = self.compute_entropy_from_logits(logits)
-                # entropy reads the logits in its backward: then they must not be overwritten
-                log_probs_k = _kept_log_probs(logits, plan.labels, inplace_backward=not plan.calculate_entropy)
+                if topk_loss:  # the top-k reverse KL (and the label log-probs) of the kept rows
+                    log_probs_k, reverse_kl_k = topk_signal.kept_topk_loss_outputs(
+                        logits, plan.labels, micro_batch, plan.positions, plan.seq_index
+                    )
+                else:  # entropy reads the logits in its backward: then they must not be overwritten
+                    log_probs_k = _kept_log_probs(logits, plan.labels, inplace_backward=not plan.calculate_entropy)
         if log_probs_k.shape[0] != num_kept:
             raise RuntimeError(
                 f"tip_verl sparse lm_head: got {log_probs_k.shape[0]} log-probs for {num_kept} kept positions"
@@ -451,6 +457,8 @@ class SparseLMHeadMixin:
         model_output = {"log_probs": scatter(log_probs_k)}
         if plan.calculate_entropy:
             model_output["entropy"] = scatter(entropy_k)
+        if reverse_kl_k is not None:
+            model_output[topk_signal.TOPK_REVERSE_KL] = scatter(reverse_kl_k)
         return model_output
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -21,10 +22,14 @@ from omegaconf import open_dict
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
+from .sparse_lm_head import SparseLMHeadTrainingWorker, enable_sparse_lm_head
+from .topk_signal import topk_reverse_kl_loss
+
 logger = logging.getLogger(__name__)
 
-#: Key the TIP trainer adds under ``actor_rollout_ref`` to hand the teacher path to the workers.
+#: Keys the TIP trainer adds under ``actor_rollout_ref`` to hand the teacher path and the loss to the workers.
 TEACHER_PATH_KEY = "tip_teacher_path"
+LOSS_KEY = "tip_loss"
 
 
 class TeacherCompatibilityError(ValueError):
@@ -88,30 +93,48 @@ def teacher_model_config(actor_model_node: Any, teacher_path: str):
 class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's ``ActorRolloutRefWorker`` for OPD with TIP: two inner classes swapped, nothing else.
 
-    * ``ref_worker_cls``: the ref is the teacher checkpoint named by the TIP trainer;
+    * ``ref_worker_cls`` (when the role has a ref): the ref is the teacher checkpoint named by the TIP
+      trainer; its engine also answers the teacher top-k requests of ``+tip.teacher_signal=topk``;
     * ``actor_worker_cls``: :class:`~tip_verl.verl_adapter.sparse_lm_head.SparseLMHeadTrainingWorker`,
-      whose update step runs the lm_head only at kept tokens (``TIP_VERL_SPARSE_LM_HEAD=0`` turns it off).
+      whose update step runs the lm_head only at kept tokens (``TIP_VERL_SPARSE_LM_HEAD=0`` turns it off)
+      and whose old-log-prob pass gathers the student's log-probs at the teacher's top-k ids; with
+      ``+tip.loss=topk_reverse_kl`` its loss is :func:`~tip_verl.verl_adapter.topk_signal.topk_reverse_kl_loss`.
+
+    With verl's native distillation (``distillation.enabled=true``) the role has no ref and the
+    teacher is verl's teacher server; only ``actor_worker_cls`` is swapped.
     """
 
     def __init__(self, config, role: str, distillation_config=None, **kwargs):
         teacher_path = config.get(TEACHER_PATH_KEY, None)
-        if not teacher_path:
-            raise ValueError(
-                f"TIPActorRolloutRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by trainer.v1.trainer_mode=tip_sync "
-                "from +tip.teacher_path."
-            )
-        if not os.path.isdir(teacher_path):
-            raise FileNotFoundError(f"Teacher checkpoint {teacher_path} (from +tip.teacher_path) does not exist.")
+        if "ref" in role:
+            if not teacher_path:
+                raise ValueError(
+                    f"TIPActorRolloutRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by "
+                    "trainer.v1.trainer_mode=tip_sync from +tip.teacher_path."
+                )
+            if not os.path.isdir(teacher_path):
+                raise FileNotFoundError(f"Teacher checkpoint {teacher_path} (from +tip.teacher_path) does not exist.")
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
-        teacher_config = teacher_model_config(config.model, teacher_path)
+        if "ref" in role:
+            teacher_config = teacher_model_config(config.model, teacher_path)
 
-        class _TeacherTrainingWorker(TrainingWorker):
-            def __init__(self, config):
-                # verl passes a (frozen) TrainingWorkerConfig whose model_config is a copy of the actor's.
-                super().__init__(dataclasses.replace(config, model_config=teacher_config))
+            class _TeacherTrainingWorker(TrainingWorker):
+                def __init__(self, config):
+                    # verl passes a (frozen) TrainingWorkerConfig whose model_config is a copy of the actor's.
+                    super().__init__(dataclasses.replace(config, model_config=teacher_config))
+                    # forward-only: the sparse engine's update path never runs; it adds the top-k outputs
+                    self.engine = enable_sparse_lm_head(self.engine)
 
-        self.ref_worker_cls = _TeacherTrainingWorker
+            self.ref_worker_cls = _TeacherTrainingWorker
         self.teacher_path = teacher_path
-        from .sparse_lm_head import SparseLMHeadTrainingWorker
+        if config.get(LOSS_KEY, "pg") == "topk_reverse_kl":
 
-        self.actor_worker_cls = SparseLMHeadTrainingWorker
+            class _TopKLossTrainingWorker(SparseLMHeadTrainingWorker):
+                def set_loss_fn(self, loss_fn):
+                    # verl sets partial(ppo_loss, config=actor_config) (engine_workers.py init_model)
+                    actor_config = loss_fn.keywords["config"]
+                    super().set_loss_fn(functools.partial(topk_reverse_kl_loss, config=actor_config))
+
+            self.actor_worker_cls = _TopKLossTrainingWorker
+        else:
+            self.actor_worker_cls = SparseLMHeadTrainingWorker

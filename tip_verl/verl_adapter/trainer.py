@@ -14,6 +14,7 @@ Metrics go to verl's own tracker under ``tip/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -28,48 +29,84 @@ from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-from verl.workers.utils.padding import response_to_nested
+from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.records import TokenRecordWriter
 
+from . import topk_signal
 from .opd import opd_step
 from .opd_config import ADV_ESTIMATOR, TRAINER_MODE, TIPConfigError, validate_verl_config
 
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _batch_flags(batch, flags: dict):
+    """Set non-tensor request flags on a batch for one worker call; always cleared afterwards."""
+    batch.extra_info.update(flags)
+    try:
+        yield
+    finally:
+        for key in flags:
+            batch.extra_info.pop(key, None)
+
+
 class TIPTrainerMixin:
-    """Turns a verl V1 trainer into OPD with the ref as teacher and TIP token selection."""
+    """Turns a verl V1 trainer into OPD with TIP token selection.
+
+    Teacher paths: the reference model as teacher (``+tip.teacher_path``), or verl's native
+    distillation teacher server (``distillation.enabled=true``), where TIP only masks verl's
+    distillation loss. Teacher signal: the sampled token's log-prob, or (``+tip.teacher_signal=topk``)
+    the teacher's top-k (:mod:`tip_verl.verl_adapter.topk_signal`).
+    """
 
     def __init__(self, config):
         # Imported here: this module is imported by the verl.plugins entry point during `import verl`,
         # and teacher.py imports verl itself.
-        from .teacher import TEACHER_PATH_KEY, check_teacher_compatible
+        from .teacher import LOSS_KEY, TEACHER_PATH_KEY, check_teacher_compatible
 
         self.tip = validate_verl_config(config)
         student_path = config.actor_rollout_ref.model.path
-        sizes = check_teacher_compatible(
-            student_path, self.tip.teacher_path,
-            trust_remote_code=bool(config.actor_rollout_ref.model.get("trust_remote_code", False)),
-        )
+        trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
+        if self.tip.teacher_source == "ref":
+            teacher_paths = [self.tip.teacher_path]
+        else:
+            teacher_paths = [t.get("model_path") for t in config.distillation.teacher_models.values()
+                             if t.get("model_path")]
+        sizes = {}
+        for teacher_path in teacher_paths:
+            sizes = check_teacher_compatible(student_path, teacher_path, trust_remote_code=trust)
+            if self.tip.teacher_signal == "topk" and self.tip.topk_k > sizes["teacher_vocab_size"]:
+                flag = "+tip.topk_k" if self.tip.teacher_source == "ref" else "distillation.distillation_loss.topk"
+                raise TIPConfigError(
+                    f"{flag}={self.tip.topk_k} exceeds the teacher's vocabulary size {sizes['teacher_vocab_size']}."
+                )
         # Entropy is normalised by log |V| of the student's output layer (Eq. 2).
-        self.tip_vocab_size = sizes["student_vocab_size"]
+        self.tip_vocab_size = sizes.get("student_vocab_size") or _student_vocab_size(student_path, trust)
         with open_dict(config.actor_rollout_ref):
-            config.actor_rollout_ref[TEACHER_PATH_KEY] = self.tip.teacher_path
+            config.actor_rollout_ref[LOSS_KEY] = self.tip.loss
+            if self.tip.teacher_source == "ref":
+                config.actor_rollout_ref[TEACHER_PATH_KEY] = self.tip.teacher_path
         super().__init__(config)
         records_dir = self.tip.records_dir or os.path.join(config.trainer.default_local_dir, "tip_records")
         self.tip_records = TokenRecordWriter(records_dir, every_n_steps=self.tip.records_every,
                                              max_rows_per_step=self.tip.records_max_rows, seed=self.tip.selection.seed)
-        # verl creates a ref only for KL losses (trainer/ppo/utils.py need_reference_policy); OPD needs it always.
-        self.use_reference_policy = True
-        logger.warning("tip_verl: OPD with TIP, teacher=%s, selection=%s", self.tip.teacher_path, self.tip.to_dict())
+        if self.tip.teacher_source == "ref":
+            # verl creates a ref only for KL losses (trainer/ppo/utils.py need_reference_policy); OPD needs it.
+            self.use_reference_policy = True
+        logger.warning("tip_verl: OPD with TIP, teacher=%s, settings=%s",
+                       self.tip.teacher_path or "verl distillation teacher server", self.tip.to_dict())
 
     def _init_resource_pool_mgr(self):
         from .teacher import TIPActorRolloutRefWorker
 
         super()._init_resource_pool_mgr()
         mapping, pools = self.role_worker_mapping, self.mapping
-        if Role.ActorRollout in mapping:  # verl chose no ref: give the hybrid worker one, built from the teacher
+        if self.tip.teacher_source == "server":  # verl's teacher pool stays; the actor gets the TIP worker
+            for role in (Role.ActorRollout, Role.Actor):
+                if role in mapping:
+                    mapping[role] = ray.remote(TIPActorRolloutRefWorker)
+        elif Role.ActorRollout in mapping:  # verl chose no ref: give the hybrid worker one, built from the teacher
             mapping.pop(Role.ActorRollout)
             pools[Role.ActorRolloutRef] = pools.pop(Role.ActorRollout)
             mapping[Role.ActorRolloutRef] = ray.remote(TIPActorRolloutRefWorker)
@@ -82,41 +119,131 @@ class TIPTrainerMixin:
             resource_pool_spec=self.resource_pool_manager.resource_pool_spec, mapping=pools
         )
 
-    def _compute_advantage(self, batch, metrics: dict):
-        fields = ["response_mask", "old_log_probs", "ref_log_prob", "entropy"]
-        if self.tip_records.should_write(int(self.global_steps)):
-            fields.append("responses")
+    # -- the teacher's top-k (teacher_signal=topk) -------------------------------------------------
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        if self.tip.teacher_signal != "topk":
+            return super()._compute_old_log_prob(batch, metrics)
+        if self.tip.teacher_source == "ref":
+            # The teacher pass runs first, so the student's pass can gather at the teacher's top-k ids.
+            with _batch_flags(batch, {topk_signal.FLAG_TEACHER_TOPK: self.tip.topk_k}):
+                super()._compute_ref_log_prob(batch, metrics)
+            if batch.fields is not None:  # the worker's fetch selects the listed fields only
+                batch.fields = list(dict.fromkeys(
+                    [*batch.fields, "ref_log_prob", topk_signal.TEACHER_TOPK_LOGPROBS, topk_signal.TEACHER_TOPK_IDS]
+                ))
+            source = topk_signal.TEACHER_TOPK_IDS
+        else:
+            source = topk_signal.NATIVE_TEACHER_IDS
+        with _batch_flags(batch, {topk_signal.FLAG_GATHER_IDS: source}):
+            return super()._compute_old_log_prob(batch, metrics)
+
+    def _compute_ref_log_prob(self, batch, metrics: dict):
+        if self.tip.teacher_signal == "topk" and self.tip.teacher_source == "ref":
+            return batch  # already ran, with the top-k, before the old-log-prob pass
+        return super()._compute_ref_log_prob(batch, metrics)
+
+    def _update_actor(self, batch, metrics: dict):
+        if self.tip.loss != "topk_reverse_kl":
+            return super()._update_actor(batch, metrics)
+        with _batch_flags(batch, {topk_signal.FLAG_TOPK_LOSS: True}):
+            return super()._update_actor(batch, metrics)
+
+    # -- selection -------------------------------------------------------------------------------
+    def _tip_signals(self, batch, extra_fields: list[str]):
+        """The padded ``[B, T(, k)]`` signals of a batch: student, teacher, entropy, mask, top-k."""
+        fields = ["response_mask", "old_log_probs", "entropy", *extra_fields]
+        topk = self.tip.teacher_signal == "topk"
+        if self.tip.teacher_source == "ref":
+            fields.append("ref_log_prob")
+            if topk:
+                fields += [topk_signal.TEACHER_TOPK_LOGPROBS, topk_signal.TEACHER_TOPK_IDS]
+        else:
+            fields.append(topk_signal.NATIVE_TEACHER_LOGPROBS)
+            if topk:
+                fields.append(topk_signal.NATIVE_TEACHER_IDS)
+        if topk:
+            fields.append(topk_signal.STUDENT_TOPK_LOGPROBS)
+            if "responses" in extra_fields:  # token records: both models' top choices
+                fields += [topk_signal.STUDENT_TOP1_LOGPROB, topk_signal.STUDENT_TOP1_ID]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        missing = [f for f in fields if f not in data.keys()]
+        if missing:
+            raise RuntimeError(
+                f"tip_verl: the batch lacks {missing} after verl's log-prob passes; the TIP workers did not run "
+                "(an engine other than FSDP's LM-head engine?)."
+            )
         nested_mask = data["response_mask"]
+        if self.tip.teacher_source == "server":  # verl's teacher fields cover prompt + response: cut the response
+            for key in (topk_signal.NATIVE_TEACHER_LOGPROBS, topk_signal.NATIVE_TEACHER_IDS):
+                if key in data.keys():
+                    data[key] = response_from_nested(data[key], nested_mask)
         padded = data.to_padded_tensor()
-        response_mask = padded["response_mask"]
+        signals = {
+            "student_logprobs": padded["old_log_probs"],
+            "entropy_nats": padded["entropy"],
+            "response_mask": padded["response_mask"],
+        }
+        if self.tip.teacher_source == "ref":
+            signals["teacher_logprobs"] = padded["ref_log_prob"]
+            if topk:
+                signals["teacher_topk_logprobs"] = padded[topk_signal.TEACHER_TOPK_LOGPROBS]
+                signals["teacher_topk_ids"] = padded[topk_signal.TEACHER_TOPK_IDS]
+        else:
+            teacher = padded[topk_signal.NATIVE_TEACHER_LOGPROBS]
+            if topk:
+                signals["teacher_topk_logprobs"] = teacher
+                signals["teacher_topk_ids"] = padded[topk_signal.NATIVE_TEACHER_IDS]
+                signals["teacher_logprobs"] = None  # the server sends only the top-k for top-k losses
+            else:
+                signals["teacher_logprobs"] = teacher[..., 0]
+        if topk:
+            signals["student_topk_logprobs"] = padded[topk_signal.STUDENT_TOPK_LOGPROBS]
+        return signals, nested_mask, padded
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.tip.teacher_source == "server":
+            # verl's own advantage (task rewards), then TIP masks verl's distillation loss
+            batch = super()._compute_advantage(batch, metrics)
+        extra = ["responses"] if self.tip_records.should_write(int(self.global_steps)) else []
+        signals, nested_mask, padded = self._tip_signals(batch, extra)
+        response_mask = signals["response_mask"]
         generator = torch.Generator().manual_seed(self.tip.selection.seed * 1_000_003 + int(self.global_steps))
-        step = opd_step(
-            self.tip,
-            student_logprobs=padded["old_log_probs"],
-            teacher_logprobs=padded["ref_log_prob"],
-            entropy_nats=padded["entropy"],
-            response_mask=response_mask,
-            vocab_size=self.tip_vocab_size,
-            generator=generator,
-        )
+        step = opd_step(self.tip, vocab_size=self.tip_vocab_size, generator=generator, **signals)
         metrics.update(step.metrics)
         if "responses" in padded:
             self.tip_records.maybe_write(
                 int(self.global_steps), selection=step.selection, response_mask=response_mask.bool(),
                 token_ids=padded["responses"], sequence_ids=list(batch.keys), thresholds=self.tip.selection,
+                extra=_top_choices(signals, padded),
             )
-        keep = step.keep_mask.to(response_mask.dtype)
-        advantages = step.advantages.float()
-        output = {
-            "advantages": response_to_nested(advantages, nested_mask),
-            "returns": response_to_nested(advantages, nested_mask),
-            "response_mask": response_to_nested(keep, nested_mask),
-            "loss_mask": response_to_nested(keep, nested_mask),
-        }
+        keep = response_to_nested(step.keep_mask.to(response_mask.dtype), nested_mask)
+        output = {"response_mask": keep, "loss_mask": keep}
+        if self.tip.teacher_source == "ref":
+            advantages = response_to_nested(step.advantages.float(), nested_mask)
+            output.update(advantages=advantages, returns=advantages)
         return tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
+
+
+def _top_choices(signals: dict, padded) -> dict | None:
+    """Token-record columns of both models' most likely tokens (top-k signal only)."""
+    teacher_lp = signals.get("teacher_topk_logprobs")
+    if teacher_lp is None or topk_signal.STUDENT_TOP1_ID not in padded.keys():
+        return None
+    best = teacher_lp.argmax(dim=-1, keepdim=True)
+    return {
+        "teacher_top_id": signals["teacher_topk_ids"].gather(-1, best).squeeze(-1).long(),
+        "teacher_top_prob": teacher_lp.gather(-1, best).squeeze(-1).exp(),
+        "student_top_id": padded[topk_signal.STUDENT_TOP1_ID].long(),
+        "student_top_prob": padded[topk_signal.STUDENT_TOP1_LOGPROB].exp(),
+    }
+
+
+def _student_vocab_size(student_path: str, trust_remote_code: bool) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(student_path, trust_remote_code=trust_remote_code).vocab_size)
 
 
 @register_trainer(TRAINER_MODE)
