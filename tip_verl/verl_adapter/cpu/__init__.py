@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ PLATFORM_ENV = "VERL_PLATFORM"
 ROLLOUT_NAME = "hf"
 
 _registered = False
+_deferred = False
 
 
 def cpu_platform_selected() -> bool:
@@ -71,6 +73,14 @@ def register(force: bool = False, strict: bool = False) -> bool:
         return True
     if not (force or cpu_platform_selected()):
         return False
+    partial = sys.modules.get(f"{__name__}.platform")
+    if partial is not None and not hasattr(partial, "register_platform"):
+        # A direct import of cpu.platform imports verl, whose plugin loader calls us back before
+        # platform.py has finished: platform.py calls register() again at its end.
+        global _deferred
+        _deferred = True
+        logger.debug("tip_verl: CPU registration deferred until cpu.platform has loaded")
+        return False
     step = "platform"
     try:
         from tip_verl.verl_adapter.cpu import patches, platform
@@ -99,3 +109,20 @@ def register(force: bool = False, strict: bool = False) -> bool:
 
 def is_registered() -> bool:
     return _registered
+
+
+def registration_deferred() -> bool:
+    """True while a direct import of ``cpu.platform`` is loading verl (see :func:`register`)."""
+    return _deferred
+
+
+def finish_deferred_registration() -> None:
+    """Called at the end of ``cpu.platform``: register the CPU backend, then the trainer mode."""
+    global _deferred
+    if not _deferred:
+        return
+    _deferred = False
+    register()
+    from tip_verl.verl_adapter.plugin import register_trainer_mode
+
+    register_trainer_mode()

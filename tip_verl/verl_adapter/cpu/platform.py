@@ -319,3 +319,11 @@ def register_engines() -> dict[str, type]:
         EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(cls)
         _CPU_ENGINES[model_type] = cls
     return _CPU_ENGINES
+
+
+
+# Imported directly (not through the package's register()), this module imports verl, whose plugin
+# loader asked for the registration before this module existed; finish it now that it does.
+from tip_verl.verl_adapter.cpu import finish_deferred_registration as _finish  # noqa: E402
+
+_finish()
