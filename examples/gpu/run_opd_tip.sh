@@ -14,6 +14,11 @@
 #   STUDENT_PATH  local Hugging Face folder of the student (default: $MODEL_ROOT/<model name>)
 #   TEACHER_PATH  local Hugging Face folder of the teacher (default: $MODEL_ROOT/<model name>)
 #   MODEL_ROOT    where the default checkpoints live (default: $HOME/models)
+#   TEACHER_SIGNAL sampled (default) | topk -- the teacher's log-prob of the sampled token, or its top-k
+#                 (δ and the Q3 forward KL become top-k KLs; see docs/teacher_paths.md)
+#   TOPK_K        k of TEACHER_SIGNAL=topk (default 64; 8*k bytes per response token)
+#   TIP_LOSS      pg (default) | topk_reverse_kl -- policy gradient with advantage -k1, or the direct
+#                 top-k reverse KL at kept tokens (needs TEACHER_SIGNAL=topk)
 # * DATA_DIR      folder written by `python -m tip_verl.tools.math_data`: train.parquet (+ math500 /
 #                 aime24 / aime25 .parquet, used for validation: mean@16 at temperature 1.0)
 #   NNODES, N_GPUS_PER_NODE (default 1, 8), ROLLOUT_TP (vLLM tensor parallel size; per-pair default)
@@ -68,6 +73,16 @@ case "$METHOD" in
     *)
         die "unknown METHOD='$METHOD'; expected one of: all, entropy50, entropy20, entropy_sample50, soft_or50, soft_or20, q3_20, soft_or_bottom50" ;;
 esac
+
+TEACHER_SIGNAL="${TEACHER_SIGNAL:-sampled}"
+TOPK_K="${TOPK_K:-64}"
+TIP_LOSS="${TIP_LOSS:-pg}"
+case "$TEACHER_SIGNAL" in sampled|topk) ;; *) die "TEACHER_SIGNAL='$TEACHER_SIGNAL' must be sampled or topk" ;; esac
+case "$TIP_LOSS" in pg|topk_reverse_kl) ;; *) die "TIP_LOSS='$TIP_LOSS' must be pg or topk_reverse_kl" ;; esac
+[[ "$TOPK_K" =~ ^[1-9][0-9]*$ ]] || die "TOPK_K='$TOPK_K' must be a positive integer"
+if [[ "$TIP_LOSS" == topk_reverse_kl && "$TEACHER_SIGNAL" != topk ]]; then
+    die "TIP_LOSS=topk_reverse_kl needs TEACHER_SIGNAL=topk"
+fi
 
 MODEL_ROOT="${MODEL_ROOT:-$HOME/models}"
 STUDENT_PATH="${STUDENT_PATH:-$MODEL_ROOT/${student_hf##*/}}"
@@ -129,8 +144,10 @@ tip_args+=(
     +tip.sampling_mode=without_replacement
     +tip.importance_weighting=false
     "+tip.seed=$SEED"
-    +tip.advantage_estimator=k1
+    "+tip.teacher_signal=$TEACHER_SIGNAL"
 )
+if [[ "$TEACHER_SIGNAL" == topk ]]; then tip_args+=("+tip.topk_k=$TOPK_K" "+tip.loss=$TIP_LOSS"); fi
+if [[ "$TIP_LOSS" == pg ]]; then tip_args+=(+tip.advantage_estimator=k1); fi
 
 cmd=(
     "$PYTHON" -m verl.trainer.main_ppo

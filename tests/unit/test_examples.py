@@ -16,7 +16,7 @@ SWEEP = ROOT / "examples" / "gpu" / "sweep_paper_methods.sh"
 COMMON_TIP = {
     "+tip.selection_scope": "sequence", "+tip.norm_scope": "batch", "+tip.divergence": "k3",
     "+tip.sampling_mode": "without_replacement", "+tip.importance_weighting": "false", "+tip.seed": "0",
-    "+tip.advantage_estimator": "k1",
+    "+tip.advantage_estimator": "k1", "+tip.teacher_signal": "sampled",
 }
 #: METHOD -> the +tip flags it must produce (besides COMMON_TIP and +tip.teacher_path).
 METHODS = {
@@ -253,3 +253,26 @@ def test_real_run_checks_the_python_before_launching(setup_dirs, tmp_path):
     assert res.returncode == 2
     assert "'false' cannot import tip_verl and verl" in res.stderr
     assert not (tmp_path / "out").exists()  # failed before anything was created or launched
+
+
+def test_teacher_signal_options(setup_dirs):
+    from omegaconf import OmegaConf
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tip_verl.verl_adapter.opd_config import TIPRunConfig
+
+    res = _run(RUN, _env(setup_dirs, TEACHER_SIGNAL="topk", TOPK_K="32", TIP_LOSS="topk_reverse_kl"))
+    assert res.returncode == 0, res.stderr
+    flags = _as_dict(_overrides(res.stdout)[1])
+    assert (flags["+tip.teacher_signal"], flags["+tip.topk_k"], flags["+tip.loss"]) == ("topk", "32", "topk_reverse_kl")
+    assert "+tip.advantage_estimator" not in flags
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in flags.items() if k.startswith("+tip.")])
+    run = TIPRunConfig.from_mapping(OmegaConf.create({o.key_or_group.split(".", 1)[1]: o.value() for o in parsed}))
+    assert (run.teacher_signal, run.topk_k, run.loss) == ("topk", 32, "topk_reverse_kl")
+    default = _as_dict(_overrides(_run(RUN, _env(setup_dirs)).stdout)[1])
+    assert default["+tip.teacher_signal"] == "sampled" and "+tip.topk_k" not in default
+    for env, message in [({"TEACHER_SIGNAL": "full"}, "TEACHER_SIGNAL='full' must be"),
+                         ({"TIP_LOSS": "topk_reverse_kl"}, "needs TEACHER_SIGNAL=topk"),
+                         ({"TEACHER_SIGNAL": "topk", "TOPK_K": "0"}, "TOPK_K='0' must be")]:
+        bad = _run(RUN, _env(setup_dirs, **env))
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
