@@ -54,6 +54,35 @@ def test_worker_topk_equals_full_teacher_logits(tiny_assets, rollout):
     assert torch.allclose(out["topk_log_probs"][mask], student.gather(-1, top_ids.long())[mask], atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["remove_padding", "remove_padding_dynamic_bsz", "padded_dynamic_bsz"])
+def test_worker_topk_in_other_batch_layouts(tiny_assets, rollout, layout):
+    """Packed (remove-padding) forwards and dynamic micro-batches (reordered, then restored) give the same signal."""
+    from tip_verl.verl_adapter.local_workers import build_local_workers
+
+    _, batch = rollout
+    mask = batch["response_mask"].bool()
+    rmpad = layout.startswith("remove_padding")
+    overrides = [f"actor_rollout_ref.model.use_remove_padding={rmpad}"]
+    if layout.endswith("dynamic_bsz"):  # ~2 sequences per micro-batch
+        overrides += ["actor_rollout_ref.actor.use_dynamic_bsz=True",
+                      "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+                      "actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True",
+                      "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=40",
+                      "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=40",
+                      "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=40"]
+    w = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher), overrides=overrides)
+    try:
+        _, top_lp, top_ids = w.ref_log_probs(batch, topk=8)
+        out = w.log_probs(batch, gather_topk_ids=top_ids)
+    finally:
+        w.close()
+    teacher = torch.log_softmax(hf_response_logits(tiny_assets.teacher, batch), -1)
+    student = torch.log_softmax(hf_response_logits(tiny_assets.student, batch), -1)
+    assert torch.allclose(top_lp[mask], teacher.topk(8, dim=-1).values[mask], atol=1e-4)
+    assert torch.allclose(teacher.gather(-1, top_ids.long())[mask], top_lp[mask], atol=1e-4)
+    assert torch.allclose(out["topk_log_probs"][mask], student.gather(-1, top_ids.long())[mask], atol=1e-4)
+
+
 def test_k_equal_to_vocab_gives_the_exact_kl(tiny_assets, rollout):
     w, batch = rollout
     mask = batch["response_mask"].bool()
@@ -133,7 +162,8 @@ def test_topk_reverse_kl_rows_matches_exact_kl_and_its_gradient():
     assert bool((rev8 <= exact.detach() + 1e-5).all())
 
 
-def test_direct_topk_reverse_kl_loss_through_verl_update(tiny_assets, rollout):
+@pytest.mark.parametrize("rmpad", [False, True], ids=["padded", "remove_padding"])
+def test_direct_topk_reverse_kl_loss_through_verl_update(tiny_assets, rollout, rmpad):
     """+tip.loss=topk_reverse_kl: verl's update_actor with the sparse lm_head and the top-k loss."""
     from tip_verl.verl_adapter.local_workers import build_local_workers
 
@@ -150,7 +180,8 @@ def test_direct_topk_reverse_kl_loss_through_verl_update(tiny_assets, rollout):
 
     def update(teacher_lp):
         u = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher), with_ref=False,
-                                tip_loss="topk_reverse_kl", overrides=["actor_rollout_ref.actor.optim.lr=1e-2"])
+                                tip_loss="topk_reverse_kl", overrides=["actor_rollout_ref.actor.optim.lr=1e-2",
+                                                                       f"actor_rollout_ref.model.use_remove_padding={rmpad}"])
         data = batch.clone()
         data["response_mask"] = keep.long()
         metrics = u.update(data, torch.zeros_like(out["log_probs"]), old_log_probs=out["log_probs"],
