@@ -382,3 +382,17 @@ def test_any_import_order_registers_cleanly(first_import):
     assert proc.stdout.strip().splitlines()[-1] == "True TIPTrainerSync"
     assert "tip_verl: registering the CPU backend with verl failed" not in proc.stderr
     assert "could not register trainer mode" not in proc.stderr
+
+
+def test_rollout_seed_makes_unseeded_sampling_reproducible(loop, student, prompt_ids):
+    """actor_rollout_ref.rollout.seed seeds the server (verl's agent loop sends no per-request seed)."""
+    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+
+    def sample(seed):
+        srv = HFRolloutServer(_rollout_config(seed=seed), student)
+        return [gen(loop, srv, p, f"s{i}", temperature=1.0, max_tokens=RESPONSE_LENGTH).token_ids
+                for i, p in enumerate(prompt_ids)]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(8) != first for _ in range(2))

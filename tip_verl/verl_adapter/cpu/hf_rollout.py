@@ -400,6 +400,11 @@ class HFRolloutServer:
             logprobs_mode=getattr(self.config, "logprobs_mode", "processed_logprobs") or "processed_logprobs",
             trust_remote_code=bool(getattr(self.model_config, "trust_remote_code", False)),
         )
+        # actor_rollout_ref.rollout.seed, as vLLM takes it for its engine: requests without their own
+        # seed (verl's agent loop sends none) sample from this server's process RNG, seeded here once.
+        seed = getattr(self.config, "seed", None)
+        if seed is not None:
+            torch.manual_seed(int(seed))
         prompt_length = int(getattr(self.config, "prompt_length", 512) or 512)
         self.response_length = int(getattr(self.config, "response_length", 512) or 512)
         self.prompt_length = prompt_length

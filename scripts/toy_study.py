@@ -1,0 +1,477 @@
+#!/usr/bin/env python
+"""Toy study: OPD with TIP token selection on the tiny addition task, through verl's real trainer.
+
+Every (method, seed) pair is one ``python -m verl.trainer.main_ppo`` job, launched through
+``examples/cpu/tiny_main_ppo.sh opd`` (the CPU recipe) with Hydra overrides: the same student
+initialisation, the same seeds and the same step budget for every method. verl's own validation
+measures the student's test accuracy before training (``trainer.val_before_train=True``) and after
+the last step (``trainer.test_freq=<steps>``) as the mean over ``--val-n`` samples per test prompt at
+temperature 1 (``val-core/tip_tiny_addition/acc/mean@N``). Tokens trained on = the sum over steps of
+``tip/kept_count`` (kept response tokens of the step's batch; with one PPO epoch every kept token
+enters exactly one gradient step).
+
+Outputs (``--out``): ``results.csv``, ``results.md`` (one row per method: mean ± std over seeds),
+``toy_study.png`` (accuracy after training with error bars; tokens trained on), ``runs/*.json`` (raw
+per-run results and per-step metrics). Per-run logs stay under ``--logs`` (default /tmp/toy_study/logs).
+
+    .venv/bin/python scripts/toy_study.py --out docs/toy_study             # the full default study
+    .venv/bin/python scripts/toy_study.py --methods all,soft_or_50 --seeds 0 --steps 2 --val-n 2
+    .venv/bin/python scripts/toy_study.py --dry-run                         # commands + time estimate
+
+Method names: ``all`` or ``<method>_<percent>`` (``entropy_20``, ``q3_20``, ``random_50``, ...) with
+``_bottom`` before the percentage for the inverted control (``soft_or_bottom_50`` = ``+tip.invert=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "examples" / "cpu" / "tiny_main_ppo.sh"
+if str(REPO) not in sys.path:  # run as `python scripts/toy_study.py` without installing
+    sys.path.insert(0, str(REPO))
+
+from tip_verl.config import METHODS  # noqa: E402  (pure python, no verl import)
+from tip_verl.verl_adapter.console_metrics import parse_console_metrics  # noqa: E402
+
+DEFAULT_METHODS = ("all", "entropy_50", "entropy_20", "entropy_sample_50", "soft_or_50", "soft_or_20", "q3_20",
+                   "soft_or_bottom_50")
+VAL_ACC = re.compile(r"^val-core/[^/]+/acc/mean@(\d+)$")
+# Per-step metrics kept in the raw per-run JSON (the console lines hold ~100 keys per step).
+KEEP_KEYS = re.compile(r"^(tip/|val-core/|actor/(pg_loss|grad_norm|entropy)$|critic/score/mean$|"
+                       r"response_length/mean$|timing_s/(step|gen|update_actor|testing)$)")
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    method: str
+    ratio: float
+    invert: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.method == "all":
+            return "all"
+        return f"{self.method}{' bottom' if self.invert else ''} {round(self.ratio * 100)}%"
+
+
+def parse_method(name: str) -> MethodSpec:
+    name = name.strip()
+    if name == "all":
+        return MethodSpec("all", "all", 1.0)
+    m = re.fullmatch(r"(?P<method>[a-z0-9_]+?)(?P<bottom>_bottom)?_(?P<pct>\d{1,3})", name)
+    if not m or m.group("method") not in METHODS or m.group("method") == "all":
+        raise argparse.ArgumentTypeError(
+            f"bad method {name!r}: use 'all' or <method>_<percent> / <method>_bottom_<percent> with <method> one "
+            f"of {', '.join(x for x in METHODS if x != 'all')} (e.g. soft_or_20, soft_or_bottom_50)")
+    pct = int(m.group("pct"))
+    if not 0 < pct <= 100:
+        raise argparse.ArgumentTypeError(f"bad method {name!r}: percentage must be in 1..100")
+    return MethodSpec(name, m.group("method"), pct / 100.0, invert=bool(m.group("bottom")))
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated method names (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s); each sets "
+                   "data.seed (data order), actor_rollout_ref.rollout.seed and +tip.seed")
+    p.add_argument("--steps", type=int, default=40, help="training steps per run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per step (data.train_batch_size = ppo_mini_batch_size: one on-policy update "
+                        "per step; default: %(default)s)")
+    p.add_argument("--rollout-n", type=int, default=4, help="responses per prompt (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="actor learning rate (default: %(default)s)")
+    p.add_argument("--val-n", type=int, default=8,
+                   help="validation samples per test prompt at temperature 1 (default: %(default)s)")
+    p.add_argument("--selection-scope", choices=["batch", "sequence"], default="batch",
+                   help="+tip.selection_scope (default: %(default)s: responses are 2-4 tokens, so the per-sequence "
+                        "floor max(1, floor(rho*m)) cannot keep 20%%)")
+    p.add_argument("--out", default="/tmp/toy_study/out", help="results directory (default: %(default)s)")
+    p.add_argument("--logs", default="/tmp/toy_study/logs", help="per-run logs (default: %(default)s)")
+    p.add_argument("--python", default=None, help="interpreter for verl (default: this one)")
+    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process (default: %(default)s)")
+    p.add_argument("--run-timeout", type=int, default=1800, help="seconds before a run counts as failed")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs/*.json of finished runs with identical settings instead of rerunning them")
+    p.add_argument("--keep-going", action="store_true", help="continue with the next run after a failed one")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, the commands and the time estimate only")
+    p.add_argument("--extra", action="append", default=[], metavar="OVERRIDE",
+                   help="extra Hydra override appended to every run (repeatable)")
+    a = p.parse_args(argv)
+    try:
+        a.methods = [parse_method(x) for x in a.methods.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if len({m.name for m in a.methods}) != len(a.methods):
+        p.error("--methods lists a method twice")
+    try:
+        a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
+    if not a.methods or not a.seeds:
+        p.error("need at least one method and one seed")
+    for name in ("steps", "batch_size", "rollout_n", "val_n", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    a.out, a.logs = Path(a.out).expanduser().resolve(), Path(a.logs).expanduser().resolve()
+    a.python = a.python or sys.executable
+    return a
+
+
+def study_settings(a) -> dict:
+    """Everything that must match for a finished run to be reused with --resume."""
+    return {"steps": a.steps, "batch_size": a.batch_size, "rollout_n": a.rollout_n, "lr": a.lr, "val_n": a.val_n,
+            "selection_scope": a.selection_scope, "threads": a.threads, "extra": list(a.extra)}
+
+
+def run_overrides(a, spec: MethodSpec, seed: int) -> list[str]:
+    threads = str(a.threads)
+    o = [
+        # method (the recipe sets tip.method / tip.ratio: no '+'; the other tip keys are new: '+')
+        f"tip.method={spec.method}", f"tip.ratio={spec.ratio}", f"+tip.invert={spec.invert}",
+        f"+tip.selection_scope={a.selection_scope}", f"+tip.seed={seed}",
+        # seeds: data order (verl's sampler generator), vLLM-style rollout seed
+        f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}",
+        # budget: one on-policy update of the whole batch per step
+        f"data.train_batch_size={a.batch_size}", f"actor_rollout_ref.actor.ppo_mini_batch_size={a.batch_size}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={a.batch_size * a.rollout_n}",
+        f"actor_rollout_ref.rollout.n={a.rollout_n}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={a.batch_size * a.rollout_n}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={a.batch_size * a.rollout_n}",
+        f"actor_rollout_ref.actor.optim.lr={a.lr}",
+        f"trainer.total_training_steps={a.steps}", "trainer.total_epochs=1000",  # steps, not epochs, end the run
+        # verl's validation before and after training: mean over val_n samples at temperature 1
+        "trainer.val_before_train=True", f"trainer.test_freq={a.steps}",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=True", "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
+        "actor_rollout_ref.rollout.val_kwargs.top_p=1.0", "actor_rollout_ref.rollout.val_kwargs.top_k=-1",
+        f"actor_rollout_ref.rollout.val_kwargs.n={a.val_n}", "data.val_batch_size=128",
+        f"trainer.experiment_name=toy_{spec.name}_seed{seed}",
+        # one torch/OMP thread in every Ray worker, too (the machine may be shared)
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.OMP_NUM_THREADS='{threads}'",
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.MKL_NUM_THREADS='{threads}'",
+    ]
+    return o + list(a.extra)
+
+
+def run_id(spec: MethodSpec, seed: int) -> str:
+    return f"{spec.name}_seed{seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+class RunFailed(RuntimeError):
+    pass
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
+    """Accuracy before/after, tokens trained on and summaries from verl's console metrics."""
+    def val_acc(m):
+        hits = [(k, v) for k, v in m.items() if VAL_ACC.match(k)]
+        return (hits[0][1], hits[0][0]) if len(hits) == 1 else (None, None)
+
+    if 0 not in steps:
+        raise RunFailed("no step-0 line (validation before training) in the log")
+    missing = [s for s in range(1, n_steps + 1) if s not in steps]
+    if missing:
+        raise RunFailed(f"no metrics for training step(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    before, key = val_acc(steps[0])
+    after, key_after = val_acc(steps[n_steps])
+    if before is None or after is None:
+        raise RunFailed(f"no val-core/*/acc/mean@N metric before ({key}) or after ({key_after}) training")
+    train = [steps[s] for s in range(1, n_steps + 1)]
+    for s, m in enumerate(train, 1):
+        if "tip/kept_count" not in m or "tip/valid_count" not in m:
+            raise RunFailed(f"step {s} logged no tip/kept_count / tip/valid_count (not a tip_sync run?)")
+    kept = sum(m["tip/kept_count"] for m in train)
+    valid = sum(m["tip/valid_count"] for m in train)
+    tail = train[-min(5, len(train)):]
+    return {
+        "acc_before": before, "acc_after": after, "acc_key": key,
+        "tokens_trained": kept, "tokens_generated": valid,
+        "kept_fraction": kept / valid if valid else float("nan"),
+        "min_step_kept_fraction": min(m["tip/kept_fraction"] for m in train),
+        "reverse_kl_last5": statistics.fmean(m["tip/reverse_kl_mean"] for m in tail),
+        "train_score_last5": statistics.fmean(m.get("critic/score/mean", float("nan")) for m in tail),
+        "train_time_s": sum(m.get("timing_s/step", 0.0) for m in train),
+    }
+
+
+def source_info() -> dict:
+    """Which tip_verl code ran: the tree next to this script, its git commit and whether it was modified."""
+    info = {"repo": str(REPO), "commit": None, "modified": None}
+    try:
+        git = ["git", "-C", str(REPO)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["modified"] = sorted(line[3:] for line in subprocess.run(
+            [*git, "status", "--porcelain", "--", "tip_verl", "examples"], capture_output=True, text=True,
+            check=True).stdout.splitlines())
+    except (OSError, subprocess.CalledProcessError):
+        marker = REPO / ".source_commit"  # a `git archive` snapshot
+        if marker.exists():
+            info["commit"] = marker.read_text().strip()
+    return info
+
+
+def launch(a, spec: MethodSpec, seed: int) -> dict:
+    rid = run_id(spec, seed)
+    run_dir = a.logs / rid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "run.log"
+    overrides = run_overrides(a, spec, seed)
+    env = dict(os.environ)
+    env.pop("VERL_PLATFORM", None)  # the recipe sets the CPU environment itself
+    # verl loads tip_verl (the verl.plugins entry point) from the tree next to this script, also in Ray's workers
+    pythonpath = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    env.update(PYTHON=a.python, RUN_DIR=str(run_dir), OMP_NUM_THREADS=str(a.threads),
+               MKL_NUM_THREADS=str(a.threads), TIP_VERL_NO_SETUP="1", PYTHONPATH=pythonpath)
+    cmd = ["bash", str(RECIPE), "opd", *overrides]
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("# " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=a.run_timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.time() - t0
+    if rc != 0:
+        raise RunFailed(f"exit status {rc} after {wall:.0f}s")
+    steps = parse_console_metrics(log.read_text(errors="replace"))
+    result = extract(steps, a.steps)
+    result.update(
+        run=rid, method=spec.name, label=spec.label, tip_method=spec.method, ratio=spec.ratio, invert=spec.invert,
+        seed=seed, wall_s=wall, log=str(log), settings=study_settings(a), overrides=overrides, source=source_info(),
+        steps={str(s): {k: v for k, v in m.items() if KEEP_KEYS.match(k)} for s, m in sorted(steps.items())},
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and plot
+# ---------------------------------------------------------------------------------------------
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(a, results: list[dict]) -> list[dict]:
+    rows = []
+    for spec in a.methods:
+        rs = [r for r in results if r["method"] == spec.name]
+        if not rs:
+            continue
+        b, bs = _mean_std([r["acc_before"] for r in rs])
+        af, afs = _mean_std([r["acc_after"] for r in rs])
+        d, ds = _mean_std([r["acc_after"] - r["acc_before"] for r in rs])
+        tok, toks = _mean_std([r["tokens_trained"] for r in rs])
+        kf, _ = _mean_std([r["kept_fraction"] for r in rs])
+        kl, kls = _mean_std([r["reverse_kl_last5"] for r in rs])
+        w, _ = _mean_std([r["wall_s"] for r in rs])
+        rows.append({
+            "method": spec.name, "label": spec.label, "tip_method": spec.method, "ratio": spec.ratio,
+            "invert": spec.invert, "seeds": " ".join(str(r["seed"]) for r in rs), "n_seeds": len(rs),
+            "acc_before_mean": b, "acc_before_std": bs, "acc_after_mean": af, "acc_after_std": afs,
+            "delta_mean": d, "delta_std": ds, "tokens_trained_mean": tok, "tokens_trained_std": toks,
+            "kept_fraction_mean": kf, "reverse_kl_last5_mean": kl, "reverse_kl_last5_std": kls,
+            "wall_s_mean": w, "wall_s_total": sum(r["wall_s"] for r in rs),
+        })
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def markdown(a, rows: list[dict], total_wall: float) -> str:
+    s = study_settings(a)
+    head = (f"OPD with TIP on the tiny addition task (verl `main_ppo`, CPU): {s['steps']} steps x {s['batch_size']} "
+            f"prompts x {s['rollout_n']} responses, lr {s['lr']:g}, +tip.selection_scope={s['selection_scope']}; "
+            f"accuracy = verl validation mean@{s['val_n']} at temperature 1 on the 128 test prompts; "
+            f"mean ± std over seeds. Tokens = kept response tokens summed over steps (Σ tip/kept_count). "
+            f"Wall = one run incl. start-up and both validations.\n")
+    lines = [head,
+             "| method | ratio | seeds | acc before | acc after | Δ acc | tokens trained | kept % | rev-KL (last 5 steps) | wall / run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {r['acc_before_mean']:.3f} ± {r['acc_before_std']:.3f} "
+            f"| {r['acc_after_mean']:.3f} ± {r['acc_after_std']:.3f} | {r['delta_mean']:+.3f} ± {r['delta_std']:.3f} "
+            f"| {r['tokens_trained_mean']:.0f} ± {r['tokens_trained_std']:.0f} | {100 * r['kept_fraction_mean']:.1f} "
+            f"| {r['reverse_kl_last5_mean']:.3f} ± {r['reverse_kl_last5_std']:.3f} | {r['wall_s_mean']:.0f} |")
+    lines.append("")
+    lines.append(f"Sum of the wall times of these runs: {total_wall / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], results: list[dict], path: Path, title: str) -> None:
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 1.0 * len(rows) + 2.5), 7.5), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 2]})
+    colors = ["tab:gray" if r["tip_method"] == "all" else ("tab:red" if r["invert"] else "tab:blue") for r in rows]
+    ax1.bar(x, [r["acc_after_mean"] for r in rows], yerr=[r["acc_after_std"] for r in rows], capsize=4,
+            color=colors, alpha=0.7, label="after training: mean ± std over seeds")
+    for xi, r in zip(x, rows):  # the seeds themselves, before (hollow) and after (filled)
+        runs = [q for q in results if q["method"] == r["method"]]
+        offs = [0.25 * (j - (len(runs) - 1) / 2) / max(1, len(runs) - 1) for j in range(len(runs))]
+        ax1.scatter([xi + o for o in offs], [q["acc_after"] for q in runs], s=14, color="k", zorder=3,
+                    label="after, per seed" if xi == 0 else None)
+        ax1.scatter([xi + o for o in offs], [q["acc_before"] for q in runs], s=14, facecolors="none",
+                    edgecolors="k", zorder=3, label="before, per seed" if xi == 0 else None)
+        ax1.text(xi, r["acc_after_mean"] + r["acc_after_std"] + 0.003, f"{r['acc_after_mean']:.3f}",
+                 ha="center", va="bottom", fontsize=7)
+    before = statistics.fmean(r["acc_before_mean"] for r in rows)
+    ax1.axhline(before, color="k", ls="--", lw=1, label=f"before training, mean ({before:.3f})")
+    top = max(max(q["acc_after"], q["acc_before"]) for q in results)
+    ax1.set_ylim(0, top * 1.35 + 1e-3)
+    ax1.set_ylabel("test accuracy (mean@N, T=1)")
+    ax1.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax1.legend(fontsize=7, loc="upper right", ncol=2)
+    ax2.bar(x, [r["tokens_trained_mean"] for r in rows], yerr=[r["tokens_trained_std"] for r in rows], capsize=4,
+            color=colors, alpha=0.6)
+    ax2.set_ylabel("tokens trained on (Σ kept)")
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(a, results: list[dict]) -> list[dict]:
+    rows = summarize(a, results)
+    if not rows:
+        return rows
+    write_csv(rows, a.out / "results.csv")
+    md = markdown(a, rows, sum(r["wall_s"] for r in results))
+    (a.out / "results.md").write_text(md)
+    s = study_settings(a)
+    plot(rows, results, a.out / "toy_study.png",
+         f"tiny addition, OPD+TIP via verl main_ppo: {s['steps']} steps x {s['batch_size']}x{s['rollout_n']}, "
+         f"lr {s['lr']:g}, scope={s['selection_scope']}, seeds={' '.join(map(str, a.seeds))}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def estimate_run_s(a) -> float:
+    """Rough wall time of one run on 2 idle cores (measured: start-up ~55 s, a 16x4 step ~3 s,
+    validation ~2.5 s per 100 samples); refined with measured run times once runs finish."""
+    startup = 60.0
+    step = 2.0 + 0.015 * a.batch_size * a.rollout_n
+    val = 3.0 + 0.025 * 128 * a.val_n
+    return startup + a.steps * step + 2 * val
+
+
+def _fmt(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    plan = [(spec, seed) for seed in a.seeds for spec in a.methods]  # seed-major: partial results stay balanced
+    per_run = estimate_run_s(a)
+    print(f"[toy_study] {len(plan)} runs: methods={','.join(m.name for m in a.methods)} seeds={a.seeds} "
+          f"steps={a.steps} batch={a.batch_size}x{a.rollout_n} lr={a.lr:g} val_n={a.val_n} "
+          f"scope={a.selection_scope}", flush=True)
+    print(f"[toy_study] estimated total: {_fmt(per_run * len(plan))} ({_fmt(per_run)} per run, 2 idle cores); "
+          f"out={a.out} logs={a.logs}", flush=True)
+    if a.dry_run:
+        spec, seed = plan[0]
+        print("[toy_study] first run: RUN_DIR=... PYTHON=... bash " + str(RECIPE.relative_to(REPO)) + " opd " +
+              " ".join(run_overrides(a, spec, seed)))
+        return 0
+    (a.out / "runs").mkdir(parents=True, exist_ok=True)
+    a.logs.mkdir(parents=True, exist_ok=True)
+    results, measured, failures = [], [], []
+    t_start = time.time()
+    for i, (spec, seed) in enumerate(plan, 1):
+        rid = run_id(spec, seed)
+        json_path = a.out / "runs" / f"{rid}.json"
+        if a.resume and json_path.exists():
+            old = json.loads(json_path.read_text())
+            if old.get("settings") == study_settings(a):
+                results.append(old)
+                print(f"[toy_study] [{i}/{len(plan)}] {rid}: reused {json_path}", flush=True)
+                continue
+        est = statistics.fmean(measured) if measured else per_run
+        print(f"[toy_study] [{i}/{len(plan)}] start  {rid} ({spec.label}, seed {seed}); "
+              f"ETA study end {_fmt(est * (len(plan) - i + 1))}; log {a.logs / rid / 'run.log'}", flush=True)
+        t0 = time.time()
+        try:
+            r = launch(a, spec, seed)
+        except RunFailed as e:
+            log = a.logs / rid / "run.log"
+            print(f"[toy_study] [{i}/{len(plan)}] FAILED {rid}: {e}\n[toy_study] log: {log}\n"
+                  f"[toy_study] last lines of the log:\n{_tail(log)}", file=sys.stderr, flush=True)
+            failures.append((rid, str(e), str(log)))
+            if not a.keep_going:
+                break
+            continue
+        measured.append(time.time() - t0)
+        json_path.write_text(json.dumps(r, indent=1, sort_keys=True))
+        results.append(r)
+        remaining = len(plan) - i
+        print(f"[toy_study] [{i}/{len(plan)}] done   {rid}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
+              f"tokens trained {r['tokens_trained']:.0f} ({100 * r['kept_fraction']:.1f}% kept), "
+              f"wall {r['wall_s']:.0f}s; ETA {_fmt(statistics.fmean(measured) * remaining)}", flush=True)
+        write_outputs(a, results)  # partial tables after every run
+    total = time.time() - t_start
+    rows = write_outputs(a, results)
+    if rows:
+        print((a.out / "results.md").read_text(), flush=True)
+        print(f"[toy_study] wrote {a.out}/results.csv, results.md, toy_study.png, runs/*.json; "
+              f"total wall {_fmt(total)}", flush=True)
+    if failures:
+        for rid, why, log in failures:
+            print(f"[toy_study] FAILED run {rid}: {why}; log: {log}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
