@@ -323,17 +323,22 @@ def markdown(a, rows: list[dict], total_wall: float) -> str:
     head = (f"OPD with TIP on the tiny addition task (verl `main_ppo`, CPU): {s['steps']} steps x {s['batch_size']} "
             f"prompts x {s['rollout_n']} responses, lr {s['lr']:g}, +tip.selection_scope={s['selection_scope']}; "
             f"accuracy = verl validation mean@{s['val_n']} at temperature 1 on the 128 test prompts; "
-            f"mean ± std over seeds. Tokens = kept response tokens summed over steps (Σ tip/kept_count). "
+            f"mean ± std over seeds (the value alone for one seed). Tokens = kept response tokens summed over steps (Σ tip/kept_count). "
             f"Wall = one run incl. start-up and both validations.\n")
     lines = [head,
              "| method | ratio | seeds | acc before | acc after | Δ acc | tokens trained | kept % | rev-KL (last 5 steps) | wall / run (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        one = r["n_seeds"] == 1  # no spread to show from a single seed
+
+        def ms(key, fmt):
+            mean, std = format(r[f"{key}_mean"], fmt), format(r[f"{key}_std"], fmt.lstrip("+"))
+            return mean if one else f"{mean} ± {std}"
+
         lines.append(
-            f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {r['acc_before_mean']:.3f} ± {r['acc_before_std']:.3f} "
-            f"| {r['acc_after_mean']:.3f} ± {r['acc_after_std']:.3f} | {r['delta_mean']:+.3f} ± {r['delta_std']:.3f} "
-            f"| {r['tokens_trained_mean']:.0f} ± {r['tokens_trained_std']:.0f} | {100 * r['kept_fraction_mean']:.1f} "
-            f"| {r['reverse_kl_last5_mean']:.3f} ± {r['reverse_kl_last5_std']:.3f} | {r['wall_s_mean']:.0f} |")
+            f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {ms('acc_before', '.3f')} | {ms('acc_after', '.3f')} "
+            f"| {ms('delta', '+.3f')} | {ms('tokens_trained', '.0f')} | {100 * r['kept_fraction_mean']:.1f} "
+            f"| {ms('reverse_kl_last5', '.3f')} | {r['wall_s_mean']:.0f} |")
     lines.append("")
     lines.append(f"Sum of the wall times of these runs: {total_wall / 60:.1f} min.")
     return "\n".join(lines) + "\n"
