@@ -28,8 +28,6 @@ ADVANTAGE_ESTIMATORS = ("k1", "k3")
 TEACHER_SIGNALS = ("sampled", "topk")
 #: The actor loss: policy gradient with advantage -δ at the sampled token, or the direct top-k reverse KL.
 LOSSES = ("pg", "topk_reverse_kl")
-#: Where the teacher runs: the ref model of the actor's worker group, or verl's distillation teacher server.
-TEACHER_SOURCES = ("ref", "server")
 
 
 class TIPConfigError(ValueError):
@@ -253,10 +251,12 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
                 "algorithm.rollout_correction.bypass_mode=True skips the old-log-prob pass that gathers the "
                 "student's top-k log-probs; set it to False with the top-k teacher signal."
             )
-    if run.loss == "topk_reverse_kl" and os.environ.get("TIP_VERL_SPARSE_LM_HEAD", "1").strip().lower() in (
-            "0", "false", "no", "off"):
-        raise TIPConfigError(
-            "+tip.loss=topk_reverse_kl is computed from the sparse lm_head's kept-row logits, but "
-            "TIP_VERL_SPARSE_LM_HEAD=0 turns the sparse lm_head off; unset it or use +tip.loss=pg."
-        )
+    if run.loss == "topk_reverse_kl":
+        from .sparse_lm_head import sparse_enabled_by_env
+
+        if not sparse_enabled_by_env():
+            raise TIPConfigError(
+                "+tip.loss=topk_reverse_kl is computed from the sparse lm_head's kept-row logits, but "
+                "TIP_VERL_SPARSE_LM_HEAD=0 turns the sparse lm_head off; unset it or use +tip.loss=pg."
+            )
     return run

@@ -106,7 +106,8 @@ class _Unsupported(Exception):
     """A micro-batch layout the sparse path does not handle; the message is the fallback reason."""
 
 
-def _sparse_enabled_by_env() -> bool:
+def sparse_enabled_by_env() -> bool:
+    """False when ``TIP_VERL_SPARSE_LM_HEAD`` is 0 / false / no / off."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -354,7 +355,7 @@ class SparseLMHeadMixin:
 
     # -- overrides of FSDPEngineWithLMHead ----------------------------------------------------
     def forward_step(self, micro_batch, loss_function, forward_only):
-        if forward_only or loss_function is None or not torch.is_grad_enabled() or not _sparse_enabled_by_env():
+        if forward_only or loss_function is None or not torch.is_grad_enabled() or not sparse_enabled_by_env():
             return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         self._tip_sparse_request = True
         try:

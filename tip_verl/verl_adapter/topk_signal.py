@@ -321,8 +321,5 @@ def kept_topk_loss_outputs(logits: torch.Tensor, labels: torch.Tensor, micro_bat
     teacher_logprobs, teacher_ids = teacher_rows_for_kept(micro_batch, positions, seq_index)
     teacher_logprobs = teacher_logprobs.to(logits.device)
     teacher_ids = teacher_ids.to(logits.device)
-    if teacher_ids.shape[0] == 0:
-        empty = logits.sum(dim=-1)
-        return empty, empty
     reverse, label_logprobs = topk_reverse_kl_rows(logits, labels, teacher_logprobs, teacher_ids)
     return label_logprobs, reverse
