@@ -95,8 +95,6 @@ def test_poisson_weighted_token_mean_is_unbiased_for_all_token_mean(tmp_path):
 def test_run_config_errors_name_the_flag(tmp_path):
     with pytest.raises(TIPConfigError, match=r"\+tip.teacher_path is required"):
         TIPRunConfig.from_mapping({"method": "soft_or"})
-    with pytest.raises(TIPConfigError, match="not a directory"):
-        TIPRunConfig.from_mapping({"teacher_path": str(tmp_path / "nope")})
     with pytest.raises(TIPConfigError, match="ratio"):
         _run(tmp_path, ratio=0)
     with pytest.raises(TIPConfigError, match="method"):

@@ -4,11 +4,13 @@ A job turns TIP on with three things on verl's own command line::
 
     trainer.v1.trainer_mode=tip_sync algorithm.adv_estimator=tip_opd +tip.teacher_path=/path/to/teacher
 
-plus any :class:`tip_verl.TIPConfig` field as ``+tip.<field>=...`` (method, ratio, ...), the teacher
-signal (``+tip.teacher_signal=sampled|topk``, ``+tip.topk_k``) and the loss (``+tip.loss=pg|topk_reverse_kl``).
-With verl's own teacher server (``distillation.enabled=true``) no teacher path and no ``tip_opd`` are
-given: TIP masks verl's distillation loss. Everything is checked here, on the driver, before any model
-loads; every error names the offending flag.
+(the teacher path takes whatever ``actor_rollout_ref.model.path`` takes: a local folder, a hub id such
+as ``Qwen/Qwen3-8B``, ``hdfs://...``), plus any :class:`tip_verl.TIPConfig` field as ``+tip.<field>=...``
+(method, ratio, ...), the teacher signal (``+tip.teacher_signal=sampled|topk``, ``+tip.topk_k``) and
+the loss (``+tip.loss=pg|topk_reverse_kl``). With verl's own teacher server (``distillation.enabled=true``)
+no teacher path and no ``tip_opd`` are given: TIP masks verl's distillation loss. Everything is checked
+here, on the driver, before any model loads (the teacher path is resolved and checked by the trainer,
+with verl's own code); every error names the offending flag.
 """
 
 from __future__ import annotations
@@ -113,9 +115,9 @@ class TIPRunConfig:
                 "+tip.teacher_path is required: the reference model acts as the teacher and is loaded from it "
                 "(or use verl's teacher server: distillation.enabled=true)."
             )
+        # Any model path verl accepts (local folder, hub id, hdfs://): the trainer resolves and checks it with
+        # verl's own code (teacher.resolve_model_config) before any weights load.
         teacher_path = os.path.expanduser(str(teacher_path))
-        if not os.path.isdir(teacher_path):
-            raise TIPConfigError(f"+tip.teacher_path={teacher_path} is not a directory (a Hugging Face checkpoint).")
         signal = cls._choice(node, "teacher_signal", TEACHER_SIGNALS, "sampled")
         loss = cls._choice(node, "loss", LOSSES, "pg")
         run: dict[str, Any] = {"teacher_path": teacher_path, "teacher_signal": signal, "loss": loss}

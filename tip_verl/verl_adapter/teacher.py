@@ -6,6 +6,8 @@ is always the initial student. :class:`TIPActorRolloutRefWorker` keeps verl's wo
 the class that builds the ref (``ActorRolloutRefWorker.ref_worker_cls``) for one that loads the
 teacher checkpoint with the actor's model settings (remove-padding, attention implementation,
 override_config ...) and verl's own ref engine settings (param offload, micro-batching) unchanged.
+The teacher path (``+tip.teacher_path``) is resolved by verl's own ``HFModelConfig``, as the actor's
+path is: local folder, hub id, ``hdfs://``, ``use_shm`` (:func:`resolve_model_config`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import open_dict
 
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
+from .opd_config import TIPConfigError
 from .sparse_lm_head import SparseLMHeadTrainingWorker, enable_sparse_lm_head
 from .topk_signal import topk_reverse_kl_loss
 
@@ -36,28 +39,78 @@ class TeacherCompatibilityError(ValueError):
     """Teacher and student cannot be distilled token by token (different tokenizers or vocabularies)."""
 
 
-def check_teacher_compatible(student_path: str, teacher_path: str, *, trust_remote_code: bool = False) -> dict:
+def resolve_model_config(flag: str, path: str, build: Callable[[], Any], *, use_shm: bool = False):
+    """Run ``build()``, which returns verl's ``HFModelConfig`` of the checkpoint ``path``; a failure becomes one line.
+
+    ``HFModelConfig`` is where verl resolves ``actor_rollout_ref.model.path``: ``verl.utils.fs.copy_to_local
+    (path, use_shm=...)`` copies an ``hdfs://`` path to a local cache and, with ``use_shm``, the checkpoint (a
+    hub id is downloaded first) into ``/dev/shm``; a local folder or a hub id comes back unchanged and the
+    tokenizer and config load from it, a hub id from the local Hugging Face cache (offline) or the hub.
+    When that fails, :class:`TIPConfigError` names ``flag``, the path and what was tried, in one line and
+    without the traceback from inside transformers.
+    """
+    try:
+        return build()
+    except Exception as error:  # huggingface_hub, transformers, hdfs and verl's asserts raise many types
+        while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
+            error = error.__cause__  # hydra's wrapper around HFModelConfig(...) (omega_conf_to_dataclass)
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        tried = _resolution_attempts(path, use_shm)
+        raise TIPConfigError(
+            f"{flag}={path} cannot be loaded the way verl loads a model path: tried {tried} "
+            f"({type(error).__name__}: {reason})"
+        ) from None
+
+
+def _resolution_attempts(path: str, use_shm: bool) -> str:
+    """What verl's resolution of ``path`` tried, in words (for the one-line error)."""
+    from huggingface_hub import constants
+    from verl.utils.fs import is_non_local
+
+    if is_non_local(path):
+        tried = ["a copy from HDFS into a local cache (verl's copy_to_local)"]
+    elif os.path.isdir(path):
+        tried = [f"the local folder {os.path.abspath(path)}"]
+    else:
+        where = (f"the local Hugging Face cache {constants.HF_HUB_CACHE} (offline: HF_HUB_OFFLINE=1)"
+                 if constants.is_offline_mode() else
+                 f"the Hugging Face cache {constants.HF_HUB_CACHE} and the hub {constants.ENDPOINT}")
+        tried = [f"no local folder {os.path.abspath(path)}", f"the hub id {path} in {where}"]
+    if use_shm:
+        tried.append("a copy into /dev/shm (actor_rollout_ref.model.use_shm=True)")
+    return ", then ".join(tried)
+
+
+def _vocab_and_size(model: Any, trust_remote_code: bool) -> tuple[str, dict, int]:
+    """(label, tokenizer vocabulary, config vocab_size) of a checkpoint path or of verl's ``HFModelConfig``."""
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return str(model), tokenizer.get_vocab(), int(config.vocab_size)
+    label = model.path if model.local_path == model.path else f"{model.path} at {model.local_path}"
+    return label, model.tokenizer.get_vocab(), int(model.hf_config.vocab_size)
+
+
+def check_teacher_compatible(student: Any, teacher: Any, *, trust_remote_code: bool = False) -> dict:
     """Check, without loading weights, that the teacher scores the student's tokens.
 
-    Both tokenizers must map the same strings to the same ids. The models' vocabulary (lm_head rows)
-    must match too, except for padding rows beyond the tokenizer (Qwen2.5-14B pads to 152,064 and
-    Qwen2.5-1.5B to 151,936: same tokenizer, both valid). Returns the sizes it compared.
+    ``student`` and ``teacher`` are checkpoint paths or verl's resolved ``HFModelConfig`` (see
+    :func:`resolve_model_config`; its tokenizer and config are used). Both tokenizers must map the same
+    strings to the same ids. The models' vocabulary (lm_head rows) must match too, except for padding rows
+    beyond the tokenizer (Qwen2.5-14B pads to 152,064 and Qwen2.5-1.5B to 151,936: same tokenizer, both
+    valid). Returns the sizes it compared.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    s_tok = AutoTokenizer.from_pretrained(student_path, trust_remote_code=trust_remote_code)
-    t_tok = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
-    s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
+    s_label, s_vocab, s_size = _vocab_and_size(student, trust_remote_code)
+    t_label, t_vocab, t_size = _vocab_and_size(teacher, trust_remote_code)
     if s_vocab != t_vocab:
         differing = sorted(set(s_vocab.items()) ^ set(t_vocab.items()), key=str)[:5]
         raise TeacherCompatibilityError(
-            f"Teacher and student tokenizers differ: student vocab size {len(s_vocab)} ({student_path}), "
-            f"teacher vocab size {len(t_vocab)} ({teacher_path}); first differing (token, id) pairs: {differing}. "
+            f"Teacher and student tokenizers differ: student vocab size {len(s_vocab)} ({s_label}), "
+            f"teacher vocab size {len(t_vocab)} ({t_label}); first differing (token, id) pairs: {differing}. "
             "OPD compares log-probs token by token, so both models must share one tokenizer."
         )
-    s_cfg = AutoConfig.from_pretrained(student_path, trust_remote_code=trust_remote_code)
-    t_cfg = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
-    s_size, t_size = int(s_cfg.vocab_size), int(t_cfg.vocab_size)
     if min(s_size, t_size) < len(s_vocab):
         raise TeacherCompatibilityError(
             f"Model vocab sizes do not cover the tokenizer: student vocab size {s_size}, teacher vocab size "
@@ -72,7 +125,11 @@ def check_teacher_compatible(student_path: str, teacher_path: str, *, trust_remo
 
 
 def teacher_model_config(actor_model_node: Any, teacher_path: str):
-    """verl's ``HFModelConfig`` for the teacher: the actor's model node with the checkpoint swapped."""
+    """verl's ``HFModelConfig`` for the teacher: the actor's model node with the checkpoint swapped.
+
+    ``teacher_path`` is resolved by ``HFModelConfig`` as the student's path is (hub id, local folder,
+    ``hdfs://``, the actor's ``use_shm``), in the process that calls this (driver check and worker alike).
+    """
     node = copy.deepcopy(actor_model_node)
     with open_dict(node):
         node.path = teacher_path
@@ -112,11 +169,14 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
                     f"TIPActorRolloutRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by "
                     "trainer.v1.trainer_mode=tip_sync from +tip.teacher_path."
                 )
-            if not os.path.isdir(teacher_path):
-                raise FileNotFoundError(f"Teacher checkpoint {teacher_path} (from +tip.teacher_path) does not exist.")
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
         if "ref" in role:
-            teacher_config = teacher_model_config(config.model, teacher_path)
+            # The path as +tip.teacher_path gave it: resolved here, on this worker's node, as verl resolves
+            # the actor's (verl's teacher servers also resolve on their own node; the driver checked it too).
+            teacher_config = resolve_model_config(
+                "+tip.teacher_path", teacher_path, functools.partial(teacher_model_config, config.model, teacher_path),
+                use_shm=bool(config.model.get("use_shm", False)),
+            )
 
             class _TeacherTrainingWorker(TrainingWorker):
                 def __init__(self, config):

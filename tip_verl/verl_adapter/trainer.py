@@ -66,23 +66,18 @@ class TIPTrainerMixin:
         from .teacher import LOSS_KEY, TEACHER_PATH_KEY, check_teacher_compatible
 
         self.tip = validate_verl_config(config)
-        student_path = config.actor_rollout_ref.model.path
+        student, teachers = _resolved_models(config, self.tip)
         trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
-        if self.tip.teacher_source == "ref":
-            teacher_paths = [self.tip.teacher_path]
-        else:
-            teacher_paths = [t.get("model_path") for t in config.distillation.teacher_models.values()
-                             if t.get("model_path")]
-        sizes = {}
-        for teacher_path in teacher_paths:
-            sizes = check_teacher_compatible(student_path, teacher_path, trust_remote_code=trust)
+        for flag, teacher in teachers.items():
+            sizes = check_teacher_compatible(student, teacher, trust_remote_code=trust)
             if self.tip.teacher_signal == "topk" and self.tip.topk_k > sizes["teacher_vocab_size"]:
-                flag = "+tip.topk_k" if self.tip.teacher_source == "ref" else "distillation.distillation_loss.topk"
+                k_flag = "+tip.topk_k" if self.tip.teacher_source == "ref" else "distillation.distillation_loss.topk"
                 raise TIPConfigError(
-                    f"{flag}={self.tip.topk_k} exceeds the teacher's vocabulary size {sizes['teacher_vocab_size']}."
+                    f"{k_flag}={self.tip.topk_k} exceeds the teacher's vocabulary size {sizes['teacher_vocab_size']} "
+                    f"({flag})."
                 )
         # Entropy is normalised by log |V| of the student's output layer (Eq. 2).
-        self.tip_vocab_size = sizes.get("student_vocab_size") or _student_vocab_size(student_path, trust)
+        self.tip_vocab_size = int(student.hf_config.vocab_size)
         with open_dict(config.actor_rollout_ref):
             config.actor_rollout_ref[LOSS_KEY] = self.tip.loss
             if self.tip.teacher_source == "ref":
@@ -240,10 +235,38 @@ def _top_choices(signals: dict, padded) -> dict | None:
     }
 
 
-def _student_vocab_size(student_path: str, trust_remote_code: bool) -> int:
-    from transformers import AutoConfig
+def _resolved_models(config, tip) -> tuple:
+    """verl's ``HFModelConfig`` of the student and of each teacher (``{flag: config}``), paths resolved by verl.
 
-    return int(AutoConfig.from_pretrained(student_path, trust_remote_code=trust_remote_code).vocab_size)
+    Built as verl builds them, so the check runs on what the workers load: the student as verl's trainer
+    does (``omega_conf_to_dataclass(actor_rollout_ref.model)``), the ref-as-teacher with the actor's model
+    settings (``use_shm`` included) exactly as :class:`TIPActorRolloutRefWorker` does, a teacher server's
+    checkpoint as ``HFModelConfig(path=model_path)`` like verl's teacher loop. Each process resolves the
+    path itself (an ``hdfs://`` copy lands in that node's cache), so the workers get the path as given.
+    """
+    from functools import partial
+
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config import HFModelConfig
+
+    from .teacher import resolve_model_config, teacher_model_config
+
+    model_node = config.actor_rollout_ref.model
+    use_shm = bool(model_node.get("use_shm", False))
+    student = resolve_model_config("actor_rollout_ref.model.path", model_node.path,
+                                   partial(omega_conf_to_dataclass, model_node), use_shm=use_shm)
+    if tip.teacher_source == "ref":
+        flag = "+tip.teacher_path"
+        build = partial(teacher_model_config, model_node, tip.teacher_path)
+        return student, {flag: resolve_model_config(flag, tip.teacher_path, build, use_shm=use_shm)}
+    trust = bool(model_node.get("trust_remote_code", False))
+    teachers = {}
+    for name, teacher in config.distillation.teacher_models.items():
+        if teacher.get("model_path"):
+            flag = f"distillation.teacher_models.{name}.model_path"
+            build = partial(HFModelConfig, path=teacher.model_path, trust_remote_code=trust)
+            teachers[flag] = resolve_model_config(flag, teacher.model_path, build)
+    return student, teachers
 
 
 @register_trainer(TRAINER_MODE)

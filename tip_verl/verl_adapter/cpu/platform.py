@@ -284,7 +284,10 @@ def _with_startup_checks(base: type) -> type:
 
         role = "reference model" if getattr(engine_config, "forward_only", False) else "actor model"
         checks.check_engine_config(engine_config, role=role)
-        checks.check_model_dir(getattr(model_config, "local_path", None) or model_config.path, role=role)
+        local = getattr(model_config, "local_path", None) or model_config.path
+        if os.path.isdir(local) or getattr(model_config, "hf_config", None) is None:
+            checks.check_model_dir(local, role=role)
+        # else a hub id that verl's HFModelConfig already resolved from the Hugging Face cache (the CPU runs offline)
         checks.check_tokenizer(getattr(model_config, "tokenizer", None) or model_config.local_path, role=role)
         base.__init__(self, model_config, engine_config, optimizer_config, checkpoint_config)
 
