@@ -2,21 +2,23 @@
 """Toy study: OPD with TIP token selection on the tiny addition task, through verl's real trainer.
 
 Every (method, seed) pair is one ``python -m verl.trainer.main_ppo`` job, launched through
-``examples/cpu/tiny_main_ppo.sh opd`` (the CPU recipe) with Hydra overrides: the same student
-initialisation, the same seeds and the same step budget for every method. verl's own validation
-measures the student's test accuracy before training (``trainer.val_before_train=True``) and after
-the last step (``trainer.test_freq=<steps>``) as the mean over ``--val-n`` samples per test prompt at
-temperature 1 (``val-core/tip_tiny_addition/acc/mean@N``). Tokens trained on = the sum over steps of
-``tip/kept_count`` (kept response tokens of the step's batch; with one PPO epoch every kept token
-enters exactly one gradient step).
+``examples/cpu/tiny_main_ppo.sh opd`` (the CPU recipe: the teacher as verl's ref model, the paper's
+reverse-KL loss at kept tokens) with Hydra overrides: the same student initialisation, the same seeds
+and the same step budget for every method. verl's own validation measures the student's test accuracy
+before training (``trainer.val_before_train=True``) and after the last step as the mean over
+``--val-n`` samples per test prompt at temperature 1 (``val-core/tip_tiny_addition/acc/mean@N``).
+Tokens trained on = the sum over steps of ``tip/kept_count`` (kept response tokens of the step's
+batch; with one PPO epoch every kept token enters exactly one gradient step).
 
-Outputs (``--out``): ``results.csv``, ``results.md`` (one row per method: mean ± std over seeds),
-``toy_study.png`` (accuracy after training with error bars; tokens trained on), ``runs/*.json`` (raw
-per-run results and per-step metrics). Per-run logs stay under ``--logs`` (default /tmp/toy_study/logs).
+Outputs (``--out``): ``results.csv``, ``results.md`` (one row per method: mean, 95% interval),
+``toy_study.png`` (accuracy before and after training; tokens trained on), ``runs/*.json`` (raw
+per-run results and per-step metrics: the data every table and plot is made from). Per-run logs stay
+under ``--logs`` (default /tmp/toy_study/logs).
 
     .venv/bin/python scripts/toy_study.py --out docs/toy_study             # the full default study
     .venv/bin/python scripts/toy_study.py --methods all,soft_or_50 --seeds 0 --steps 2 --val-n 2
     .venv/bin/python scripts/toy_study.py --dry-run                         # commands + time estimate
+    .venv/bin/python scripts/toy_study.py --from-raw docs/toy_study         # tables + plot from runs/*.json
 
 Method names: ``all`` or ``<method>_<percent>`` (``entropy_20``, ``q3_20``, ``random_50``, ...) with
 ``_bottom`` before the percentage for the inverted control (``soft_or_bottom_50`` = ``+tip.invert=True``).
@@ -25,6 +27,7 @@ Method names: ``all`` or ``<method>_<percent>`` (``entropy_20``, ``q3_20``, ``ra
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import math
@@ -33,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,8 +53,10 @@ DEFAULT_METHODS = ("all", "entropy_50", "entropy_20", "entropy_sample_50", "soft
                    "soft_or_bottom_50")
 VAL_ACC = re.compile(r"^val-core/[^/]+/acc/mean@(\d+)$")
 # Per-step metrics kept in the raw per-run JSON (the console lines hold ~100 keys per step).
-KEEP_KEYS = re.compile(r"^(tip/|val-core/|actor/(pg_loss|grad_norm|entropy)$|critic/score/mean$|"
+KEEP_KEYS = re.compile(r"^(tip/|val-core/|actor/(pg_loss|tip_topk_reverse_kl_loss|grad_norm|entropy|lr)$|"
+                       r"actor/perf/max_memory_allocated_gb$|critic/score/mean$|"
                        r"response_length/mean$|timing_s/(step|gen|update_actor|testing)$)")
+ASSETS_LINE = re.compile(r"^\[run_tiny_opd\] assets: (.+)$", re.M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,21 +101,24 @@ def parse_args(argv=None):
                    help="comma-separated method names (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s); each sets "
                    "data.seed (data order), actor_rollout_ref.rollout.seed and +tip.seed")
-    p.add_argument("--steps", type=int, default=40, help="training steps per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="prompts per step (data.train_batch_size = ppo_mini_batch_size: one on-policy update "
                         "per step; default: %(default)s)")
     p.add_argument("--rollout-n", type=int, default=4, help="responses per prompt (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="actor learning rate (default: %(default)s)")
-    p.add_argument("--val-n", type=int, default=8,
+    p.add_argument("--lr", type=float, default=3e-4, help="actor learning rate (default: %(default)s)")
+    p.add_argument("--val-n", type=int, default=4,
                    help="validation samples per test prompt at temperature 1 (default: %(default)s)")
-    p.add_argument("--selection-scope", choices=["batch", "sequence"], default="batch",
-                   help="+tip.selection_scope (default: %(default)s: responses are 2-4 tokens, so the per-sequence "
-                        "floor max(1, floor(rho*m)) cannot keep 20%%)")
+    p.add_argument("--selection-scope", choices=["batch", "sequence"], default="sequence",
+                   help="+tip.selection_scope (default: %(default)s: the top floor(rho*m) tokens of each response, "
+                        "as in the paper)")
     p.add_argument("--out", default="/tmp/toy_study/out", help="results directory (default: %(default)s)")
     p.add_argument("--logs", default="/tmp/toy_study/logs", help="per-run logs (default: %(default)s)")
     p.add_argument("--python", default=None, help="interpreter for verl (default: this one)")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at the same time, each its own verl job and Ray instance (default: %(default)s; "
+                        "2 on a 2-core machine: a run is mostly single-threaded Python and Ray overhead)")
     p.add_argument("--run-timeout", type=int, default=1800, help="seconds before a run counts as failed")
     p.add_argument("--resume", action="store_true",
                    help="reuse runs/*.json of finished runs with identical settings instead of rerunning them")
@@ -117,6 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan, the commands and the time estimate only")
     p.add_argument("--extra", action="append", default=[], metavar="OVERRIDE",
                    help="extra Hydra override appended to every run (repeatable)")
+    p.add_argument("--from-raw", metavar="DIR", default=None,
+                   help="run nothing: rebuild results.csv/.md and the plot in DIR from DIR/runs/*.json")
     a = p.parse_args(argv)
     try:
         a.methods = [parse_method(x) for x in a.methods.split(",") if x.strip()]
@@ -130,10 +141,14 @@ def parse_args(argv=None):
         p.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
     if not a.methods or not a.seeds:
         p.error("need at least one method and one seed")
-    for name in ("steps", "batch_size", "rollout_n", "val_n", "threads"):
+    for name in ("steps", "batch_size", "rollout_n", "val_n", "threads", "parallel"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     a.out, a.logs = Path(a.out).expanduser().resolve(), Path(a.logs).expanduser().resolve()
+    if a.from_raw:
+        a.out = Path(a.from_raw).expanduser().resolve()
+        if not sorted((a.out / "runs").glob("*.json")):
+            p.error(f"--from-raw {a.from_raw}: no runs/*.json there")
     a.python = a.python or sys.executable
     return a
 
@@ -213,15 +228,30 @@ def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
     kept = sum(m["tip/kept_count"] for m in train)
     valid = sum(m["tip/valid_count"] for m in train)
     tail = train[-min(5, len(train)):]
+    # the exact reverse KL (Eq. 1) with the teacher's full top-k; the sampled-token estimate otherwise
+    kl_key = "tip/topk_reverse_kl_mean" if "tip/topk_reverse_kl_mean" in train[0] else "tip/reverse_kl_mean"
     return {
         "acc_before": before, "acc_after": after, "acc_key": key,
+        "val_samples_per_prompt": int(key.rsplit("@", 1)[1]),
         "tokens_trained": kept, "tokens_generated": valid,
         "kept_fraction": kept / valid if valid else float("nan"),
         "min_step_kept_fraction": min(m["tip/kept_fraction"] for m in train),
-        "reverse_kl_last5": statistics.fmean(m["tip/reverse_kl_mean"] for m in tail),
+        "reverse_kl_key": kl_key,
+        "reverse_kl_first5": statistics.fmean(m[kl_key] for m in train[:5]),
+        "reverse_kl_last5": statistics.fmean(m[kl_key] for m in tail),
         "train_score_last5": statistics.fmean(m.get("critic/score/mean", float("nan")) for m in tail),
         "train_time_s": sum(m.get("timing_s/step", 0.0) for m in train),
+        "actor_peak_memory_gb": max(m.get("actor/perf/max_memory_allocated_gb", float("nan")) for m in train),
     }
+
+
+def test_prompt_count(log_text: str) -> int | None:
+    """Number of test prompts of the assets the run used (read from their manifest)."""
+    m = ASSETS_LINE.search(log_text)
+    try:
+        return int(json.loads((Path(m.group(1).strip()) / "manifest.json").read_text())["config"]["task"]["n_test"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def source_info() -> dict:
@@ -266,9 +296,11 @@ def launch(a, spec: MethodSpec, seed: int) -> dict:
     wall = time.time() - t0
     if rc != 0:
         raise RunFailed(f"exit status {rc} after {wall:.0f}s")
-    steps = parse_console_metrics(log.read_text(errors="replace"))
+    text = log.read_text(errors="replace")
+    steps = parse_console_metrics(text)
     result = extract(steps, a.steps)
     result.update(
+        n_test_prompts=test_prompt_count(text),
         run=rid, method=spec.name, label=spec.label, tip_method=spec.method, ratio=spec.ratio, invert=spec.invert,
         seed=seed, wall_s=wall, log=str(log), settings=study_settings(a), overrides=overrides, source=source_info(),
         steps={str(s): {k: v for k, v in m.items() if KEEP_KEYS.match(k)} for s, m in sorted(steps.items())},
@@ -286,25 +318,48 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def ci95(values, p_samples, n_samples: int) -> float:
+    """Half-width of a 95% normal interval for the mean of ``values`` (one per seed) that counts both
+    sources of noise: the spread between seeds (variance / k) and the binomial noise of the validation
+    samples (p (1 - p) / N for each accuracy in ``p_samples``, pooled over the k seeds). With one seed
+    only the binomial part is left. Conservative: the seed spread already holds some sampling noise."""
+    k = len(values)
+    if not k or not n_samples:
+        return float("nan")
+    between = statistics.variance(values) / k if k > 1 else 0.0
+    binomial = sum(p * (1 - p) for p in p_samples) / (k * k * n_samples)
+    return 1.96 * math.sqrt(between + binomial)
+
+
 def summarize(a, results: list[dict]) -> list[dict]:
     rows = []
     for spec in a.methods:
         rs = [r for r in results if r["method"] == spec.name]
         if not rs:
             continue
-        b, bs = _mean_std([r["acc_before"] for r in rs])
-        af, afs = _mean_std([r["acc_after"] for r in rs])
-        d, ds = _mean_std([r["acc_after"] - r["acc_before"] for r in rs])
+        n_samples = (rs[0].get("n_test_prompts") or 0) * rs[0].get("val_samples_per_prompt", 0)
+        before, after = [r["acc_before"] for r in rs], [r["acc_after"] for r in rs]
+        deltas = [x - y for x, y in zip(after, before)]
+        b, bs = _mean_std(before)
+        af, afs = _mean_std(after)
+        d, ds = _mean_std(deltas)
         tok, toks = _mean_std([r["tokens_trained"] for r in rs])
         kf, _ = _mean_std([r["kept_fraction"] for r in rs])
+        kl0, _ = _mean_std([r.get("reverse_kl_first5", float("nan")) for r in rs])
         kl, kls = _mean_std([r["reverse_kl_last5"] for r in rs])
+        mem, _ = _mean_std([r.get("actor_peak_memory_gb", float("nan")) for r in rs])
         w, _ = _mean_std([r["wall_s"] for r in rs])
         rows.append({
             "method": spec.name, "label": spec.label, "tip_method": spec.method, "ratio": spec.ratio,
             "invert": spec.invert, "seeds": " ".join(str(r["seed"]) for r in rs), "n_seeds": len(rs),
-            "acc_before_mean": b, "acc_before_std": bs, "acc_after_mean": af, "acc_after_std": afs,
-            "delta_mean": d, "delta_std": ds, "tokens_trained_mean": tok, "tokens_trained_std": toks,
-            "kept_fraction_mean": kf, "reverse_kl_last5_mean": kl, "reverse_kl_last5_std": kls,
+            "val_samples_per_seed": n_samples,
+            "acc_before_mean": b, "acc_before_std": bs, "acc_before_ci95": ci95(before, before, n_samples),
+            "acc_after_mean": af, "acc_after_std": afs, "acc_after_ci95": ci95(after, after, n_samples),
+            "delta_mean": d, "delta_std": ds, "delta_ci95": ci95(deltas, before + after, n_samples),
+            "delta_min": min(deltas),
+            "tokens_trained_mean": tok, "tokens_trained_std": toks,
+            "kept_fraction_mean": kf, "reverse_kl_first5_mean": kl0, "reverse_kl_last5_mean": kl,
+            "reverse_kl_last5_std": kls, "actor_peak_memory_gb_mean": mem,
             "wall_s_mean": w, "wall_s_total": sum(r["wall_s"] for r in rs),
         })
     return rows
@@ -322,23 +377,27 @@ def markdown(a, rows: list[dict], total_wall: float) -> str:
     s = study_settings(a)
     head = (f"OPD with TIP on the tiny addition task (verl `main_ppo`, CPU): {s['steps']} steps x {s['batch_size']} "
             f"prompts x {s['rollout_n']} responses, lr {s['lr']:g}, +tip.selection_scope={s['selection_scope']}; "
-            f"accuracy = verl validation mean@{s['val_n']} at temperature 1 on the 128 test prompts; "
-            f"mean ± std over seeds (the value alone for one seed). Tokens = kept response tokens summed over steps (Σ tip/kept_count). "
-            f"Wall = one run incl. start-up and both validations.\n")
+            f"accuracy = verl validation mean@{s['val_n']} at temperature 1 on the test prompts, before training "
+            f"and after the last step; mean over seeds ± the half-width of a 95% interval that counts the spread "
+            f"between seeds and the binomial noise of the validation samples. Tokens = kept response tokens "
+            f"summed over steps (Σ tip/kept_count). Reverse KL = the exact per-token reverse KL to the teacher "
+            f"(mean over the batch's response tokens), first and last 5 steps. Peak memory = verl's "
+            f"actor/perf/max_memory_allocated_gb, the actor process's peak RSS on the CPU (mostly the runtime: "
+            f"the update step's logits of these tiny models weigh a few MB). Wall = one run incl. start-up and "
+            f"both validations.\n")
     lines = [head,
-             "| method | ratio | seeds | acc before | acc after | Δ acc | tokens trained | kept % | rev-KL (last 5 steps) | wall / run (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | ratio | seeds | acc before | acc after | Δ acc | worst seed Δ | tokens trained | kept % "
+             "| rev-KL first → last 5 steps | actor peak mem (GiB) | wall / run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        one = r["n_seeds"] == 1  # no spread to show from a single seed
-
-        def ms(key, fmt):
-            mean, std = format(r[f"{key}_mean"], fmt), format(r[f"{key}_std"], fmt.lstrip("+"))
-            return mean if one else f"{mean} ± {std}"
+        def ci(key, fmt):
+            return f"{format(r[f'{key}_mean'], fmt)} ± {format(r[f'{key}_ci95'], fmt.lstrip('+'))}"
 
         lines.append(
-            f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {ms('acc_before', '.3f')} | {ms('acc_after', '.3f')} "
-            f"| {ms('delta', '+.3f')} | {ms('tokens_trained', '.0f')} | {100 * r['kept_fraction_mean']:.1f} "
-            f"| {ms('reverse_kl_last5', '.3f')} | {r['wall_s_mean']:.0f} |")
+            f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {ci('acc_before', '.3f')} | {ci('acc_after', '.3f')} "
+            f"| {ci('delta', '+.3f')} | {r['delta_min']:+.3f} | {r['tokens_trained_mean']:.0f} "
+            f"| {100 * r['kept_fraction_mean']:.1f} | {r['reverse_kl_first5_mean']:.3f} → {r['reverse_kl_last5_mean']:.3f} "
+            f"| {r['actor_peak_memory_gb_mean']:.3f} | {r['wall_s_mean']:.0f} |")
     lines.append("")
     lines.append(f"Sum of the wall times of these runs: {total_wall / 60:.1f} min.")
     return "\n".join(lines) + "\n"
@@ -357,8 +416,8 @@ def plot(rows: list[dict], results: list[dict], path: Path, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 1.0 * len(rows) + 2.5), 7.5), sharex=True,
                                    gridspec_kw={"height_ratios": [3, 2]})
     colors = ["tab:gray" if r["tip_method"] == "all" else ("tab:red" if r["invert"] else "tab:blue") for r in rows]
-    ax1.bar(x, [r["acc_after_mean"] for r in rows], yerr=[r["acc_after_std"] for r in rows], capsize=4,
-            color=colors, alpha=0.7, label="after training: mean ± std over seeds")
+    ax1.bar(x, [r["acc_after_mean"] for r in rows], yerr=[r["acc_after_ci95"] for r in rows], capsize=4,
+            color=colors, alpha=0.7, label="after training: mean, 95% interval")
     for xi, r in zip(x, rows):  # the seeds themselves, before (hollow) and after (filled)
         runs = [q for q in results if q["method"] == r["method"]]
         offs = [0.25 * (j - (len(runs) - 1) / 2) / max(1, len(runs) - 1) for j in range(len(runs))]
@@ -366,7 +425,7 @@ def plot(rows: list[dict], results: list[dict], path: Path, title: str) -> None:
                     label="after, per seed" if xi == 0 else None)
         ax1.scatter([xi + o for o in offs], [q["acc_before"] for q in runs], s=14, facecolors="none",
                     edgecolors="k", zorder=3, label="before, per seed" if xi == 0 else None)
-        ax1.text(xi, r["acc_after_mean"] + r["acc_after_std"] + 0.003, f"{r['acc_after_mean']:.3f}",
+        ax1.text(xi, r["acc_after_mean"] + r["acc_after_ci95"] + 0.003, f"{r['acc_after_mean']:.3f}",
                  ha="center", va="bottom", fontsize=7)
     before = statistics.fmean(r["acc_before_mean"] for r in rows)
     ax1.axhline(before, color="k", ls="--", lw=1, label=f"before training, mean ({before:.3f})")
@@ -386,6 +445,7 @@ def plot(rows: list[dict], results: list[dict], path: Path, title: str) -> None:
 
 
 def write_outputs(a, results: list[dict]) -> list[dict]:
+    results = sorted(results, key=lambda r: (r["method"], r["seed"]))
     rows = summarize(a, results)
     if not rows:
         return rows
@@ -403,11 +463,11 @@ def write_outputs(a, results: list[dict]) -> list[dict]:
 # main
 # ---------------------------------------------------------------------------------------------
 def estimate_run_s(a) -> float:
-    """Rough wall time of one run on 2 idle cores (measured: start-up ~55 s, a 16x4 step ~3 s,
-    validation ~2.5 s per 100 samples); refined with measured run times once runs finish."""
+    """Rough wall time of one run on 2 idle cores (measured: start-up ~60 s, a 16x4 step ~3.1 s,
+    validation ~2 s per 100 samples); refined with measured run times once runs finish."""
     startup = 60.0
-    step = 2.0 + 0.015 * a.batch_size * a.rollout_n
-    val = 3.0 + 0.025 * 128 * a.val_n
+    step = 1.5 + 0.025 * a.batch_size * a.rollout_n
+    val = 2.0 + 0.018 * 128 * a.val_n
     return startup + a.steps * step + 2 * val
 
 
@@ -416,14 +476,36 @@ def _fmt(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def rebuild_from_raw(a) -> int:
+    """Tables and plot from the committed per-run JSON (``--from-raw DIR``): no run, same outputs."""
+    results = [json.loads(p.read_text()) for p in sorted((a.out / "runs").glob("*.json"))]
+    settings = {json.dumps(r["settings"], sort_keys=True) for r in results}
+    if len(settings) != 1:
+        print(f"[toy_study] {a.out}/runs holds runs with different settings; not mixing them", file=sys.stderr)
+        return 2
+    for key, value in results[0]["settings"].items():
+        setattr(a, key, value)
+    names = list(dict.fromkeys(r["method"] for r in sorted(
+        results, key=lambda r: (DEFAULT_METHODS.index(r["method"]) if r["method"] in DEFAULT_METHODS else 99))))
+    a.methods = [parse_method(n) for n in names]
+    a.seeds = sorted({r["seed"] for r in results})
+    write_outputs(a, results)
+    print((a.out / "results.md").read_text(), end="")
+    print(f"[toy_study] rebuilt {a.out}/results.csv, results.md, toy_study.png from {len(results)} runs/*.json")
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.from_raw:
+        return rebuild_from_raw(a)
     plan = [(spec, seed) for seed in a.seeds for spec in a.methods]  # seed-major: partial results stay balanced
     per_run = estimate_run_s(a)
     print(f"[toy_study] {len(plan)} runs: methods={','.join(m.name for m in a.methods)} seeds={a.seeds} "
           f"steps={a.steps} batch={a.batch_size}x{a.rollout_n} lr={a.lr:g} val_n={a.val_n} "
           f"scope={a.selection_scope}", flush=True)
-    print(f"[toy_study] estimated total: {_fmt(per_run * len(plan))} ({_fmt(per_run)} per run, 2 idle cores); "
+    print(f"[toy_study] estimated total: {_fmt(per_run * len(plan) / a.parallel)} ({_fmt(per_run)} per run on 2 idle "
+          f"cores, {a.parallel} at a time); "
           f"out={a.out} logs={a.logs}", flush=True)
     if a.dry_run:
         spec, seed = plan[0]
@@ -434,37 +516,53 @@ def main(argv=None) -> int:
     a.logs.mkdir(parents=True, exist_ok=True)
     results, measured, failures = [], [], []
     t_start = time.time()
+    todo = []
     for i, (spec, seed) in enumerate(plan, 1):
-        rid = run_id(spec, seed)
-        json_path = a.out / "runs" / f"{rid}.json"
+        json_path = a.out / "runs" / f"{run_id(spec, seed)}.json"
         if a.resume and json_path.exists():
             old = json.loads(json_path.read_text())
             if old.get("settings") == study_settings(a):
                 results.append(old)
-                print(f"[toy_study] [{i}/{len(plan)}] {rid}: reused {json_path}", flush=True)
+                print(f"[toy_study] [{i}/{len(plan)}] {run_id(spec, seed)}: reused {json_path}", flush=True)
                 continue
-        est = statistics.fmean(measured) if measured else per_run
-        print(f"[toy_study] [{i}/{len(plan)}] start  {rid} ({spec.label}, seed {seed}); "
-              f"ETA study end {_fmt(est * (len(plan) - i + 1))}; log {a.logs / rid / 'run.log'}", flush=True)
+        todo.append((i, spec, seed))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def one(i, spec, seed):
+        rid = run_id(spec, seed)
+        if stop.is_set():
+            return
+        with lock:
+            left = len(todo) - len(measured) - len(failures)
+            est = statistics.fmean(measured) if measured else per_run
+            print(f"[toy_study] [{i}/{len(plan)}] start  {rid} ({spec.label}, seed {seed}); "
+                  f"ETA study end {_fmt(est * left / a.parallel)}; log {a.logs / rid / 'run.log'}", flush=True)
         t0 = time.time()
         try:
             r = launch(a, spec, seed)
         except RunFailed as e:
             log = a.logs / rid / "run.log"
-            print(f"[toy_study] [{i}/{len(plan)}] FAILED {rid}: {e}\n[toy_study] log: {log}\n"
-                  f"[toy_study] last lines of the log:\n{_tail(log)}", file=sys.stderr, flush=True)
-            failures.append((rid, str(e), str(log)))
-            if not a.keep_going:
-                break
-            continue
-        measured.append(time.time() - t0)
-        json_path.write_text(json.dumps(r, indent=1, sort_keys=True))
-        results.append(r)
-        remaining = len(plan) - i
-        print(f"[toy_study] [{i}/{len(plan)}] done   {rid}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
-              f"tokens trained {r['tokens_trained']:.0f} ({100 * r['kept_fraction']:.1f}% kept), "
-              f"wall {r['wall_s']:.0f}s; ETA {_fmt(statistics.fmean(measured) * remaining)}", flush=True)
-        write_outputs(a, results)  # partial tables after every run
+            with lock:
+                print(f"[toy_study] [{i}/{len(plan)}] FAILED {rid}: {e}\n[toy_study] log: {log}\n"
+                      f"[toy_study] last lines of the log:\n{_tail(log)}", file=sys.stderr, flush=True)
+                failures.append((rid, str(e), str(log)))
+                if not a.keep_going:
+                    stop.set()
+            return
+        with lock:
+            measured.append(time.time() - t0)
+            (a.out / "runs" / f"{rid}.json").write_text(json.dumps(r, indent=1, sort_keys=True))
+            results.append(r)
+            left = len(todo) - len(measured) - len(failures)
+            print(f"[toy_study] [{i}/{len(plan)}] done   {rid}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f}, "
+                  f"tokens trained {r['tokens_trained']:.0f} ({100 * r['kept_fraction']:.1f}% kept), "
+                  f"wall {r['wall_s']:.0f}s; ETA {_fmt(statistics.fmean(measured) * left / a.parallel)}", flush=True)
+            write_outputs(a, results)  # partial tables after every run
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=a.parallel) as pool:
+        for future in [pool.submit(one, *job) for job in todo]:
+            future.result()
     total = time.time() - t_start
     rows = write_outputs(a, results)
     if rows:

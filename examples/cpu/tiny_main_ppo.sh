@@ -51,6 +51,8 @@ paths = json.loads(os.environ["ASSETS_JSON"])["paths"]
 run_startup_checks({"student model": paths["student"], "teacher model": paths["teacher"]})
 for key in ("root", "student", "teacher", "train_parquet", "test_parquet", "reward_fn"):
     print(f"ASSET_{key.upper()}={shlex.quote(paths[key])}")
+with open(paths["manifest"]) as f:
+    print(f"ASSET_VOCAB_SIZE={int(json.load(f)['tokenizer']['vocab_size'])}")
 PY
 )"
 eval "$ASSET_VARS"
@@ -59,18 +61,42 @@ echo "[$TAG] log:    $LOG"
 
 # 3. verl's trainer: CPU overrides first, then the recipe, then the caller's overrides.
 if [[ "$RECIPE" == opd ]]; then
-  # On-policy distillation with TIP: the ref model is the teacher; keep 50% of tokens by Soft-OR.
+  # On-policy distillation with TIP: the ref model is the teacher; keep 50% of tokens by Soft-OR. The loss
+  # is the paper's (Eq. 7): the reverse KL over the whole vocabulary at kept tokens (the teacher's top-k
+  # with k = |V|, exact on this tiny vocabulary). 16 prompts x 4 responses a step, two passes over each
+  # batch (ppo_epochs=2), 60 steps; verl's validation (4 samples per test prompt at temperature 1) before
+  # the first and after the last step.
   RECIPE_OVERRIDES=(
     trainer.v1.trainer_mode=tip_sync
     algorithm.adv_estimator=tip_opd
     +tip.teacher_path="$ASSET_TEACHER"
     +tip.method=soft_or
     +tip.ratio=0.5
+    +tip.teacher_signal=topk
+    +tip.topk_k="$ASSET_VOCAB_SIZE"
+    +tip.loss=topk_reverse_kl
     actor_rollout_ref.actor.use_kl_loss=False
     actor_rollout_ref.actor.entropy_coeff=0
-    actor_rollout_ref.actor.optim.lr=1e-3
+    actor_rollout_ref.actor.optim.lr=3e-4
+    actor_rollout_ref.actor.optim.lr_warmup_steps=5
+    actor_rollout_ref.actor.ppo_epochs=2
+    data.train_batch_size=16
+    actor_rollout_ref.rollout.n=4
+    actor_rollout_ref.actor.ppo_mini_batch_size=16
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
+    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+    trainer.total_training_steps=60
+    trainer.val_before_train=True
+    trainer.test_freq=1000000
+    data.val_batch_size=128
+    actor_rollout_ref.rollout.val_kwargs.do_sample=True
+    actor_rollout_ref.rollout.val_kwargs.temperature=1.0
+    actor_rollout_ref.rollout.val_kwargs.top_p=1.0
+    actor_rollout_ref.rollout.val_kwargs.top_k=-1
+    actor_rollout_ref.rollout.val_kwargs.n=4
   )
-  SUMMARY_KEYS="critic/score/mean actor/pg_loss tip/kept_fraction tip/reverse_kl_mean tip/kept_reverse_kl_mean tip/q3_share tip/q3_kept_share timing_s/step"
+  SUMMARY_KEYS="critic/score/mean actor/tip_topk_reverse_kl_loss tip/kept_fraction tip/topk_reverse_kl_mean tip/kept_topk_reverse_kl_mean tip/q3_share tip/q3_kept_share timing_s/step"
 elif [[ "$RECIPE" == opd_server ]]; then
   # The same TIP selection on verl's native distillation: the teacher runs on verl's teacher server
   # (the hf server on the CPU, vLLM/SGLang on GPUs); TIP masks verl's distillation loss (here k1 as
@@ -108,8 +134,8 @@ set +e
   data.val_files="$ASSET_TEST_PARQUET" \
   data.train_batch_size=4 \
   data.val_batch_size=8 \
-  data.max_prompt_length=48 \
-  data.max_response_length=8 \
+  data.max_prompt_length=32 \
+  data.max_response_length=48 \
   data.filter_overlong_prompts=False \
   actor_rollout_ref.model.path="$ASSET_STUDENT" \
   actor_rollout_ref.model.enable_gradient_checkpointing=False \

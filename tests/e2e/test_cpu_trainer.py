@@ -76,7 +76,7 @@ def test_main_ppo_grpo_two_steps_on_cpu(tiny_assets, tmp_path):
                     "response_length/mean", "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights"):
             assert key in metrics, (step, key, sorted(metrics))
         assert metrics["training/global_step"] == step
-        assert 1 <= metrics["response_length/max"] <= 8  # data.max_response_length=8
+        assert 1 <= metrics["response_length/max"] <= 48  # data.max_response_length=48
         assert 0.0 <= metrics["critic/score/mean"] <= 1.0
         # the hf rollout's log-probs are the actor's, in float32, also after the step-1 weight sync
         assert metrics["training/rollout_probs_diff_max"] < 1e-4, metrics["training/rollout_probs_diff_max"]

@@ -198,9 +198,27 @@ def test_ground_truths_are_correct_sums(task_files, tok):
     for df in (train, test):
         for (a, b), truth in _pairs_and_truths(df):
             assert truth == str(a + b)
-            assert max(a, b) < 10**cfg.max_digits
-            # response = digits + eos stays short
-            assert len(M.encode_response(tok, a, b)) <= 8
+            assert 10 ** (cfg.min_digits - 1) <= min(a, b) and max(a, b) < 10**cfg.max_digits
+            # response = one line of 8-9 tokens per column (carry digit or not) + the answer + eos
+            columns = len(str(max(a, b)))
+            n_tokens = len(M.encode_response(tok, a, b))
+            assert 8 * columns + len(truth) + 1 <= n_tokens <= 9 * columns + len(truth) + 1 <= M.MAX_RESPONSE_TOKENS
+
+
+def test_worked_solution_adds_column_by_column():
+    from tip_verl.assets.task import solution
+
+    assert solution(347, 85) == "7+5+0=12\n4+8+1=13\n3+0+1=4\n432"
+    assert solution(99, 1) == "9+1+0=10\n9+0+1=10\n100"
+    assert solution(0, 0) == "0+0+0=0\n0"
+    for a, b in [(12, 907), (555, 445), (10, 10)]:
+        lines = solution(a, b).split("\n")
+        assert lines[-1] == str(a + b)
+        assert M.response_is_well_formed(solution(a, b) + "<|im_end|>")
+    with pytest.raises(ValueError, match="non-negative"):
+        solution(-1, 2)
+    with pytest.raises(ValueError, match="min_digits"):
+        TaskConfig(min_digits=3, max_digits=2)
 
 
 def test_task_deterministic_and_disjoint(task_files, tmp_path):
@@ -243,6 +261,13 @@ def test_reward_cases():
     assert score(DATA_SOURCE, "<|im_end|>357", "357") == 0.0
     assert score(DATA_SOURCE, "The answer is 357", "357") == 0.0
     assert score(DATA_SOURCE, "357", "357", extra_info={"split": "test", "index": 0}, other_kwarg=1) == 1.0
+    # a worked solution: only its last line is the answer
+    assert score(DATA_SOURCE, "7+5+0=12\n4+8+1=13\n3+0+1=4\n432<|im_end|>", "432") == 1.0
+    assert score(DATA_SOURCE, "7+5+0=12\n4+8+1=13\n3+0+1=4\n432\n<|im_end|>", "432") == 1.0
+    assert score(DATA_SOURCE, "7+5+0=11\n4+8+1=13\n3+0+1=4\n432", "432") == 1.0  # a wrong step, right answer
+    assert score(DATA_SOURCE, "7+5+0=12\n4+8+1=13\n3+0+1=4\n431", "432") == 0.0
+    assert score(DATA_SOURCE, "7+5+0=12\n4+8+1=13\n432\n3+0+1=4", "432") == 0.0
+    assert score(DATA_SOURCE, "432\n\n<|im_end|>", "432") == 1.0
     assert isinstance(score(DATA_SOURCE, "357", "357"), float)
 
 
@@ -412,7 +437,7 @@ def test_failed_build_leaves_previous_build_intact(tmp_path):
     paths = _tiny_build(out)
     manifest = paths.manifest.read_text()
     # a config whose data step fails inside the build (too many test problems for 1-digit numbers)
-    bad = dataclasses.replace(TINY, task=TaskConfig(max_digits=1, n_train=32, n_test=64))
+    bad = dataclasses.replace(TINY, task=TaskConfig(min_digits=1, max_digits=1, n_train=32, n_test=64))
     with pytest.raises(ValueError, match="too few distinct problems"):
         _build_assets(out, seed=0, quiet=True, config=bad, student_steps=1, teacher_steps=1)
     assert paths.manifest.read_text() == manifest
@@ -423,7 +448,7 @@ def test_failed_build_leaves_previous_build_intact(tmp_path):
 def test_default_dir_and_env(monkeypatch, tmp_path):
     from tip_verl.assets import resolve_out_dir
 
-    assert DEFAULT_ASSETS_DIR == Path("~/.cache/tip_verl/assets-v1").expanduser()
+    assert DEFAULT_ASSETS_DIR == Path("~/.cache/tip_verl/assets-v2").expanduser()
     monkeypatch.delenv("TIP_VERL_ASSETS", raising=False)
     assert resolve_out_dir() == DEFAULT_ASSETS_DIR.resolve()
     monkeypatch.setenv("TIP_VERL_ASSETS", str(tmp_path / "x"))
@@ -441,11 +466,11 @@ def test_training_learns_the_format(tok):
     model = M.build_model(BuildConfig().student, tok, seed=0)
     before = M.generate_answers(model, tok, test_pairs, do_sample=False)
     stats = M.train(model, tok, training_stream(cfg, 0, set(test_pairs), "t"),
-                    M.TrainConfig(steps=40, batch_size=32, lr=3e-3), seed=0)
+                    M.TrainConfig(steps=120, batch_size=32, lr=3e-3), seed=0)
     after = M.generate_answers(model, tok, test_pairs, do_sample=False)
     assert stats["final_loss"] < 2.5
     assert sum(map(M.response_is_well_formed, after)) > sum(map(M.response_is_well_formed, before))
-    assert sum(map(M.response_is_well_formed, after)) >= 0.9 * len(after)
+    assert sum(map(M.response_is_well_formed, after)) >= 0.75 * len(after)
 
 
 # ---------------------------------------------------------------------------------- full build (slow)
@@ -459,13 +484,14 @@ def test_full_build_teacher_beats_student(tiny_assets):
     manifest = json.loads(paths.manifest.read_text())
     assert manifest["config"] == BuildConfig().to_dict()
     acc = manifest["accuracy"]
-    assert acc["teacher"]["greedy"] >= 0.7
-    assert acc["student"]["greedy"] <= 0.4
+    assert acc["teacher"]["greedy"] >= 0.85 and acc["teacher"]["sampled_t1"] >= 0.8
+    assert acc["student"]["sampled_t1"] <= 0.35
     assert acc["teacher"]["greedy"] > acc["student"]["greedy"] + 0.3
-    assert acc["teacher"]["sampled_t1"] > acc["student"]["sampled_t1"] + 0.3
-    # the student knows the answer format, so RL rewards are not all zero
-    assert acc["student"]["well_formed_sampled_t1"] >= 0.5
-    assert acc["student"]["sampled_t1"] > 0.0
+    assert acc["teacher"]["sampled_t1"] > acc["student"]["sampled_t1"] + 0.4
+    # the student writes the format and gets some answers right: distillation has a start and room to go
+    assert acc["student"]["well_formed_sampled_t1"] >= 0.7
+    assert acc["student"]["sampled_t1"] >= 0.1
+    assert manifest["build_seconds"] < 240  # the budget: at most 4 minutes on 2 cores
 
     # the reported numbers are reproducible from the saved checkpoints
     from transformers import AutoModelForCausalLM

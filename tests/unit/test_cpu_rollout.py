@@ -396,3 +396,50 @@ def test_rollout_seed_makes_unseeded_sampling_reproducible(loop, student, prompt
     first = sample(7)
     assert sample(7) == first
     assert any(sample(8) != first for _ in range(2))
+
+
+def test_samples_do_not_depend_on_batch_or_arrival_order(loop, student, prompt_ids):
+    """Per-request generators: the k-th request for a prompt gets the same samples whichever other requests
+    share its batch and in whichever order they arrive (verl's agent loop sends no per-request seed)."""
+    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+
+    # a high temperature: the trained student's first tokens are near-deterministic at T=1
+    params = {"temperature": 3.0, "max_tokens": RESPONSE_LENGTH, "logprobs": True, "ignore_eos": True}
+
+    def run(order, together):
+        srv = HFRolloutServer(_rollout_config(seed=5), student)
+        requests = [prompt_ids[i] for i in order]
+        if together:
+            async def all_at_once():
+                return await asyncio.gather(*(srv.generate(p, params, f"r{j}") for j, p in enumerate(requests)))
+            outs = loop.run_until_complete(all_at_once())
+            assert srv.get_stats()["max_batch"] > 1
+        else:
+            outs = [gen(loop, srv, p, f"r{j}", **params) for j, p in enumerate(requests)]
+        by_prompt = {}
+        for i, out in zip(order, outs):
+            by_prompt.setdefault(i, []).append((out.token_ids, out.log_probs))
+        return by_prompt
+
+    order = [0, 1, 2, 3, 0, 1]
+    reference = run(order, together=False)
+    for other, together in (([3, 1, 0, 2, 1, 0], True), ([1, 1, 0, 3, 2, 0], False)):
+        got = run(other, together)
+        assert sorted(got) == sorted(reference)
+        for i in reference:
+            assert [t for t, _ in got[i]] == [t for t, _ in reference[i]]
+            for (_, lp), (_, ref_lp) in zip(got[i], reference[i]):
+                torch.testing.assert_close(torch.tensor(lp), torch.tensor(ref_lp), atol=1e-5, rtol=1e-5)
+    # the first and second request for one prompt draw different samples
+    assert reference[0][0][0] != reference[0][1][0] or reference[1][0][0] != reference[1][1][0]
+
+
+def test_per_request_seed_overrides_the_server_seed(loop, student, prompt_ids):
+    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+
+    outs = []
+    for server_seed in (1, 2):
+        srv = HFRolloutServer(_rollout_config(seed=server_seed), student)
+        outs.append([gen(loop, srv, p, "s", temperature=1.0, max_tokens=RESPONSE_LENGTH, ignore_eos=True,
+                         seed=11).token_ids for p in prompt_ids])
+    assert outs[0] == outs[1]

@@ -17,7 +17,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="tip-verl-build-assets",
         description="Build the tiny tokenizer, addition task, student and teacher used by tip_verl's tests and CPU demo.",
     )
-    p.add_argument("--out", default=None, help="output directory (default: $TIP_VERL_ASSETS or ~/.cache/tip_verl/assets-v1)")
+    from . import DEFAULT_ASSETS_DIR
+
+    p.add_argument("--out", default=None, help=f"output directory (default: $TIP_VERL_ASSETS or {DEFAULT_ASSETS_DIR})")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole build (default: 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     p.add_argument("--quiet", action="store_true", help="no progress messages (stderr)")

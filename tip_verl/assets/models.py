@@ -9,12 +9,16 @@ a seed (fixed thread count, seeded initialisation and data stream).
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
-from .task import answer, prompt_messages
+from .task import answer, prompt_messages, solution
 from .tokenizer import EOS_TOKEN
+
+# Enough for the longest worked solution of the default task (3-digit numbers: 32 tokens) with room to spare.
+MAX_RESPONSE_TOKENS = 48
 
 if TYPE_CHECKING:  # torch is imported lazily so that importing the package (configs, checks) stays light
     import torch
@@ -76,7 +80,7 @@ def build_model(cfg: ModelConfig, tok, seed: int):
     gen.eos_token_id = tok.eos_token_id
     gen.pad_token_id = tok.pad_token_id
     gen.bos_token_id = None
-    gen.max_new_tokens = 8
+    gen.max_new_tokens = MAX_RESPONSE_TOKENS
     return model
 
 
@@ -88,7 +92,7 @@ def encode_prompt(tok, a: int, b: int) -> list[int]:
 
 
 def encode_response(tok, a: int, b: int) -> list[int]:
-    return list(tok.encode(answer(a, b), add_special_tokens=False)) + [tok.eos_token_id]
+    return list(tok.encode(solution(a, b), add_special_tokens=False)) + [tok.eos_token_id]
 
 
 def make_batch(tok, pairs: list[tuple[int, int]]) -> dict[str, "torch.Tensor"]:
@@ -164,7 +168,7 @@ def generate_answers(
     *,
     do_sample: bool,
     seed: int = 0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = MAX_RESPONSE_TOKENS,
     batch_size: int = 256,
 ) -> list[str]:
     """Decoded responses (special tokens kept) for each pair, via ``model.generate``.
@@ -213,9 +217,11 @@ def accuracy(model, tok, pairs: list[tuple[int, int]], *, do_sample: bool, seed:
     return sum(scores) / max(1, len(scores))
 
 
+_WELL_FORMED = re.compile(r"(\d\+\d\+[01]=\d{1,2}\n)+\d+")
+
+
 def response_is_well_formed(response: str) -> bool:
-    """Digits followed by ``<|im_end|>`` (the answer format), whether or not the sum is right."""
+    """Column lines, then an answer line, then ``<|im_end|>`` (the format), whether or not the sum is right."""
     if not response.endswith(EOS_TOKEN):
         return False
-    body = response[: -len(EOS_TOKEN)]
-    return body.isdigit()
+    return _WELL_FORMED.fullmatch(response[: -len(EOS_TOKEN)]) is not None

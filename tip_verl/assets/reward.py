@@ -1,5 +1,7 @@
 """Rule reward for the tiny addition task (``data_source == "tip_tiny_addition"``).
 
+The response is a worked solution whose last line is the answer; only that line is checked.
+
 This file is loaded by verl from its path
 (``reward.custom_reward_function.path=<this file> reward.custom_reward_function.name=compute_score``),
 so it must stay importable on its own: standard library only, no relative imports.
@@ -26,9 +28,20 @@ def normalize(text) -> str:
     return _WHITESPACE.sub("", text)
 
 
+def final_answer(text) -> str:
+    """The last non-empty line of a response (cut at the first stop token), without whitespace."""
+    text = "" if text is None else str(text)
+    for stop in _STOP_TOKENS:
+        pos = text.find(stop)
+        if pos >= 0:
+            text = text[:pos]
+    lines = [line for line in (normalize(part) for part in text.splitlines()) if line]
+    return lines[-1] if lines else ""
+
+
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
-    """1.0 when the response is exactly the expected answer (after :func:`normalize`), else 0.0."""
+    """1.0 when the response's last line is exactly the expected answer (see :func:`final_answer`)."""
     expected = normalize(ground_truth)
     if not expected:
         return 0.0
-    return 1.0 if normalize(solution_str) == expected else 0.0
+    return 1.0 if final_answer(solution_str) == expected else 0.0

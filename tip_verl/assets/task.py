@@ -1,12 +1,21 @@
-"""The tiny synthetic task: multi-digit addition with a verifiable answer.
+"""The tiny synthetic task: multi-digit addition, solved column by column, with a verifiable answer.
 
-A problem is two numbers of 1..``max_digits`` digits each: the digit count is drawn uniformly, then
-the number uniformly among the numbers with that many digits (so 0-9 are as likely as 10-99, a mix
-of easy and carry-heavy problems that a tiny transformer learns quickly; the default
-``max_digits=2`` keeps the teacher's training to about a minute on two CPU cores). The prompt is a
-single user turn ``"What is 47 + 85?"``; the expected response is the sum's digits followed by
-``<|im_end|>`` (e.g. ``"132<|im_end|>"``; each digit is one token, so a response is at most
-``max_digits + 2`` tokens).
+A problem is two numbers of ``min_digits``..``max_digits`` digits each: the digit count is drawn
+uniformly, then the number uniformly among the numbers with that many digits. The prompt is a single
+user turn ``"What is 347 + 85?"``. The expected response is a short worked solution: one line per
+column, right to left, ``<digit of a>+<digit of b>+<carry in>=<column sum>`` (a missing digit is 0),
+then the answer on the last line, then ``<|im_end|>``::
+
+    7+5+0=12
+    4+8+1=13
+    3+0+1=4
+    432<|im_end|>
+
+Every character is one token, so a response is 8-9 tokens per column plus the answer's digits plus
+``<|im_end|>`` (19-32 tokens with the default 2-3 digits). Most tokens are near-deterministic for a
+model that has learnt the format (``+``, ``=``, line breaks, digits copied from the prompt); the
+column sums, carries and the answer are the real decisions: the mix the paper's (entropy, divergence)
+picture is about. The reward (``reward.py``) checks the last line only.
 
 Datasets are written in verl's RL parquet layout (``data_source``, ``prompt``, ``ability``,
 ``reward_model``, ``extra_info``). Train and test problems are disjoint and everything is a
@@ -25,22 +34,27 @@ ABILITY = "math"
 
 @dataclass(frozen=True)
 class TaskConfig:
-    max_digits: int = 2
-    n_train: int = 1024
+    min_digits: int = 2
+    max_digits: int = 3
+    n_train: int = 2048
     n_test: int = 128
+
+    def __post_init__(self):
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _sample_number(rng: random.Random, max_digits: int) -> int:
-    digits = rng.randint(1, max_digits)
+def _sample_number(rng: random.Random, min_digits: int, max_digits: int) -> int:
+    digits = rng.randint(min_digits, max_digits)
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return rng.randint(low, 10**digits - 1)
 
 
-def sample_pair(rng: random.Random, max_digits: int) -> tuple[int, int]:
-    return _sample_number(rng, max_digits), _sample_number(rng, max_digits)
+def sample_pair(rng: random.Random, cfg: TaskConfig) -> tuple[int, int]:
+    return _sample_number(rng, cfg.min_digits, cfg.max_digits), _sample_number(rng, cfg.min_digits, cfg.max_digits)
 
 
 def question(a: int, b: int) -> str:
@@ -48,7 +62,24 @@ def question(a: int, b: int) -> str:
 
 
 def answer(a: int, b: int) -> str:
+    """The final answer (the reward's ground truth)."""
     return str(a + b)
+
+
+def solution(a: int, b: int) -> str:
+    """The worked solution a model is trained to write (without the closing ``<|im_end|>``)."""
+    if a < 0 or b < 0:
+        raise ValueError(f"the task adds non-negative numbers, got {a} and {b}")
+    da, db = str(a)[::-1], str(b)[::-1]
+    lines, carry = [], 0
+    for col in range(max(len(da), len(db))):
+        x = int(da[col]) if col < len(da) else 0
+        y = int(db[col]) if col < len(db) else 0
+        total = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={total}")
+        carry = total // 10
+    lines.append(answer(a, b))
+    return "\n".join(lines)
 
 
 def prompt_messages(a: int, b: int) -> list[dict]:
@@ -70,7 +101,7 @@ def split_pairs(cfg: TaskConfig, seed: int) -> dict[str, list[tuple[int, int]]]:
     for split, n in (("test", cfg.n_test), ("train", cfg.n_train)):
         pairs: list[tuple[int, int]] = []
         while len(pairs) < n:
-            pair = sample_pair(rng, cfg.max_digits)
+            pair = sample_pair(rng, cfg)
             if pair not in seen:
                 seen.add(pair)
                 pairs.append(pair)
@@ -106,6 +137,6 @@ def training_stream(cfg: TaskConfig, seed: int, exclude: set[tuple[int, int]], s
     in ``exclude`` (the test split), so the reported test accuracy measures generalisation."""
     rng = _rng(seed, f"sft/{stream}")
     while True:
-        pair = sample_pair(rng, cfg.max_digits)
+        pair = sample_pair(rng, cfg)
         if pair not in exclude:
             yield pair

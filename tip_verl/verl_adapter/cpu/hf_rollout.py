@@ -30,6 +30,11 @@ Request semantics (vLLM's, as verl's agent/teacher loops rely on them):
 * ``n > 1``: ``n`` independent samples; ``token_ids``/``log_probs`` are the first, and
   ``extra_fields["samples"]`` lists all of them (``token_ids``, ``log_probs``, ``finish_reason``).
 
+Reproducibility: every sampled sequence draws from its own ``torch.Generator``, seeded from the
+request's ``seed`` or, as verl's agent loop sends none, from ``actor_rollout_ref.rollout.seed``, the
+prompt and how many times this server has seen that prompt. A request's samples therefore do not
+depend on which other requests share its batch or in which order requests arrive.
+
 Concurrency: requests are queued and a single scheduler task batches whatever is pending (up to
 ``max_num_seqs``), groups it by sampling parameters and runs one left-padded ``generate`` per group
 in a worker thread. Weight updates and generation take the same lock, so a weight update never
@@ -41,8 +46,8 @@ are answered ``aborted`` with no tokens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -122,7 +127,48 @@ class _Request:
     max_tokens: int
     prompt_logprobs: Optional[int]
     future: asyncio.Future
+    sample_seed: int  # seeds the generators of this request's samples (see derive_seed)
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that depends only on ``parts`` (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _RowSampler:
+    """Logits processor that samples every row from its own generator (a per-request RNG).
+
+    It runs after Hugging Face's own processors (repetition penalty, minimum length), applies Hugging
+    Face's temperature / top-k / top-p warpers, draws one token per row, records that token's
+    processed log-probability and returns scores that make greedy decoding pick exactly that token.
+    """
+
+    def __init__(self, spec: SamplingSpec, generators: list[torch.Generator]):
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.warpers = [TemperatureLogitsWarper(spec.temperature)] if spec.temperature != 1.0 else []
+        if spec.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k=spec.top_k))
+        if spec.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=spec.top_p))
+        self.generators = generators
+        self.step_logprobs: list[torch.Tensor] = []  # (rows,) per generated position
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        probs = logp.exp()
+        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        self.step_logprobs.append(logp.gather(-1, tokens[:, None])[:, 0])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, tokens[:, None], 0.0)
 
 
 def parse_sampling_params(params: dict[str, Any], *, default_max_tokens: int, max_possible_tokens: int):
@@ -250,12 +296,18 @@ class HFGenerator:
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec, max_tokens: int) -> list[list[dict]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, max_tokens: int, seeds: Optional[list[int]] = None
+    ) -> list[list[dict]]:
         """Generate ``spec.n`` samples per prompt; returns, per prompt, a list of
-        ``{"token_ids", "log_probs", "finish_reason"}`` dicts."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        ``{"token_ids", "log_probs", "finish_reason"}`` dicts.
 
-        ids, mask = self._left_pad(prompts)
+        Sample ``j`` of prompt ``i`` draws from a generator seeded with ``derive_seed(seeds[i], j)``
+        (``seeds`` default: ``spec.seed``, else 0), whatever else is in the batch.
+        """
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        ids, mask = self._left_pad([p for p in prompts for _ in range(spec.n)])  # row i * n + j: sample j of prompt i
         prompt_width = ids.shape[1]
         stop_ids = () if spec.ignore_eos else tuple(dict.fromkeys(self.eos_token_ids + spec.stop_token_ids))
         generator = self
@@ -269,35 +321,41 @@ class HFGenerator:
             attention_mask=mask,
             max_new_tokens=max_tokens,
             min_new_tokens=min(spec.min_tokens, max_tokens) if spec.min_tokens else None,
-            do_sample=not spec.greedy,
+            do_sample=False,  # sampling (when asked) is done by _RowSampler with per-request generators
             repetition_penalty=spec.repetition_penalty,
-            num_return_sequences=spec.n,
             eos_token_id=list(stop_ids) if stop_ids else None,
             pad_token_id=self.pad_token_id,
-            output_scores=spec.want_logprobs and self.logprobs_mode == "processed_logprobs",
+            output_scores=spec.want_logprobs and self.logprobs_mode == "processed_logprobs" and spec.greedy,
             output_logits=spec.want_logprobs and self.logprobs_mode == "raw_logprobs",
             return_dict_in_generate=True,
             stopping_criteria=StoppingCriteriaList([_Abort()]),
             use_cache=True,
         )
+        sampler = None
         if not spec.greedy:
-            # Every sampling knob explicitly: HF fills unset ones from the model's generation_config
-            # and its global defaults (top_k=50), which would silently change the distribution.
-            gen_kwargs.update(temperature=spec.temperature, top_p=spec.top_p, top_k=max(spec.top_k, 0))
+            if seeds is None:
+                seeds = [spec.seed or 0] * len(prompts)
+            generators = [
+                torch.Generator().manual_seed(derive_seed(seeds[i], j)) for i in range(len(prompts)) for j in range(spec.n)
+            ]
+            sampler = _RowSampler(spec, generators)
+            gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         if not stop_ids:
             # Without EOS ids HF would fall back to the model's generation_config; an impossible
             # id list is not accepted either, so disable EOS stopping explicitly.
             gen_kwargs["eos_token_id"] = None
-        ctx = torch.random.fork_rng() if spec.seed is not None else contextlib.nullcontext()
-        with ctx:
-            if spec.seed is not None:
-                torch.manual_seed(spec.seed)
-            out = self.model.generate(**gen_kwargs)
+        out = self.model.generate(**gen_kwargs)
         seqs = out.sequences[:, prompt_width:]
-        steps = out.scores if self.logprobs_mode == "processed_logprobs" else out.logits
-        step_lp = None
-        if spec.want_logprobs and steps:
-            step_lp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in steps], dim=1)  # (B*n, T, V)
+        step_lp = None  # (B*n, T): log-prob of each generated token
+        if spec.want_logprobs:
+            if self.logprobs_mode == "raw_logprobs" and out.logits:
+                raw = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
+                step_lp = raw.gather(-1, seqs[:, : raw.shape[1], None])[..., 0]
+            elif sampler is not None and sampler.step_logprobs:
+                step_lp = torch.stack(sampler.step_logprobs, dim=1)
+            elif out.scores:
+                processed = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+                step_lp = processed.gather(-1, seqs[:, : processed.shape[1], None])[..., 0]
         results: list[list[dict]] = []
         aborted = self.abort_all.is_set()
         for i in range(len(prompts)):
@@ -316,7 +374,7 @@ class HFGenerator:
                 toks = toks[:cut]
                 lps = None
                 if step_lp is not None:
-                    lps = step_lp[row, torch.arange(len(toks)), torch.tensor(toks, dtype=torch.long)].tolist()
+                    lps = step_lp[row, : len(toks)].tolist()
                 samples.append({"token_ids": toks, "log_probs": lps, "finish_reason": finish})
             results.append(samples)
         return results
@@ -400,11 +458,11 @@ class HFRolloutServer:
             logprobs_mode=getattr(self.config, "logprobs_mode", "processed_logprobs") or "processed_logprobs",
             trust_remote_code=bool(getattr(self.model_config, "trust_remote_code", False)),
         )
-        # actor_rollout_ref.rollout.seed, as vLLM takes it for its engine: requests without their own
-        # seed (verl's agent loop sends none) sample from this server's process RNG, seeded here once.
+        # actor_rollout_ref.rollout.seed, as vLLM takes it for its engine. Requests without their own seed
+        # (verl's agent loop sends none) get one derived from it, the prompt and the prompt's occurrence.
         seed = getattr(self.config, "seed", None)
-        if seed is not None:
-            torch.manual_seed(int(seed))
+        self.seed = 0 if seed is None else int(seed)
+        self._prompt_occurrences: dict[tuple[int, ...], int] = {}
         prompt_length = int(getattr(self.config, "prompt_length", 512) or 512)
         self.response_length = int(getattr(self.config, "response_length", 512) or 512)
         self.prompt_length = prompt_length
@@ -462,10 +520,22 @@ class HFRolloutServer:
                 return self._aborted_output()
             await self._admission.wait()
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(str(request_id), prompt_ids, spec, max_tokens, prompt_logprobs, future))
+        self._pending.append(
+            _Request(str(request_id), prompt_ids, spec, max_tokens, prompt_logprobs, future, self._sample_seed(prompt_ids, spec))
+        )
         self._work.set()
         self._ensure_scheduler()
         return await future
+
+    def _sample_seed(self, prompt_ids: list[int], spec: SamplingSpec) -> int:
+        """The request's own seed, else one from the server seed, the prompt and its occurrence count
+        (the k-th request for a prompt gets the same samples whatever arrived before it)."""
+        if spec.seed is not None:
+            return spec.seed
+        key = tuple(prompt_ids)
+        occurrence = self._prompt_occurrences.get(key, 0)
+        self._prompt_occurrences[key] = occurrence + 1
+        return derive_seed(self.seed, key, occurrence)
 
     def _aborted_output(self, tokens: Optional[list[int]] = None) -> TokenOutput:
         return TokenOutput(
@@ -502,8 +572,8 @@ class HFRolloutServer:
         self.stats["requests"] += len(batch)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         groups: dict[SamplingSpec, list[_Request]] = {}
-        for req in batch:
-            groups.setdefault(req.spec, []).append(req)
+        for req in batch:  # per-request generators: requests that differ only in their seed share a batch
+            groups.setdefault(dataclasses.replace(req.spec, seed=None), []).append(req)
         for spec, reqs in groups.items():
             live = [r for r in reqs if not r.future.done()]
             if not live:
@@ -518,7 +588,9 @@ class HFRolloutServer:
                     res = await asyncio.to_thread(self.generator.prompt_logprobs, [r.prompt_ids for r in rs], k)
                     prompt_lp.update({id(r): v for r, v in zip(rs, res)})
                 max_tokens = max(r.max_tokens for r in live)
-                results = await asyncio.to_thread(self.generator.generate, [r.prompt_ids for r in live], spec, max_tokens)
+                results = await asyncio.to_thread(
+                    self.generator.generate, [r.prompt_ids for r in live], spec, max_tokens, [r.sample_seed for r in live]
+                )
             except Exception as e:  # noqa: BLE001 - delivered to the callers
                 for r in live:
                     if not r.future.done():
