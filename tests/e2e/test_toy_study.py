@@ -1,7 +1,7 @@
 """End to end: scripts/toy_study.py runs OPD with TIP through verl's real trainer, writes its tables and plot,
 and the method still teaches the student (the project's value regression test).
 
-One seed, three methods through the real ``main_ppo`` (two at a time): all tokens, Soft-OR top 50% and the
+One seed, three methods through the real ``main_ppo`` (all three at once): all tokens, Soft-OR top 50% and the
 Soft-OR bottom-50% control, each from the same student with the same seed and budget. The thresholds sit well
 below what the committed study measured (docs/toy_study.md) and well above what a broken method gives: an
 inverted keep-mask or a loss of the wrong sign leaves the student where it was or makes it worse.
@@ -36,7 +36,7 @@ def _study(tmp_path, args, timeout):
 @pytest.mark.slow
 def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.setenv("ASSETS_DIR", str(tiny_assets.root))
-    proc = _study(tmp_path, ["--methods", "all,soft_or_50,soft_or_bottom_50", "--seeds", "0", "--parallel", "2"],
+    proc = _study(tmp_path, ["--methods", "all,soft_or_50,soft_or_bottom_50", "--seeds", "0", "--parallel", "3"],
                   timeout=1500)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]

@@ -302,8 +302,8 @@ class HFGenerator:
         """Generate ``spec.n`` samples per prompt; returns, per prompt, a list of
         ``{"token_ids", "log_probs", "finish_reason"}`` dicts.
 
-        Sample ``j`` of prompt ``i`` draws from a generator seeded with ``derive_seed(seeds[i], j)``
-        (``seeds`` default: ``spec.seed``, else 0), whatever else is in the batch.
+        Sample ``j`` of prompt ``i`` draws from a generator seeded with ``derive_seed(seeds[i], j)``,
+        whatever else is in the batch (``seeds`` default: one per position, from ``spec.seed`` or 0).
         """
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -334,7 +334,7 @@ class HFGenerator:
         sampler = None
         if not spec.greedy:
             if seeds is None:
-                seeds = [spec.seed or 0] * len(prompts)
+                seeds = [derive_seed(spec.seed or 0, i) for i in range(len(prompts))]
             generators = [
                 torch.Generator().manual_seed(derive_seed(seeds[i], j)) for i in range(len(prompts)) for j in range(spec.n)
             ]
