@@ -7,10 +7,13 @@ Conventions used by every public function of the core:
 * Computation happens in float32 whatever the input dtype (bf16/fp16 accepted).
 * Shape mismatches raise ``ValueError`` naming both tensors and shapes.
 * NaN/inf at valid (mask = 1) positions raise ``ValueError`` naming the tensor; whatever sits at
-  masked positions is ignored.
+  masked positions is ignored. A floating-point mask holding NaN/inf raises too.
+* Integer and float arguments accept numpy scalars as well (``np.int64``, ``np.float32``).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -39,6 +42,39 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         )
 
 
+def is_int(value: object) -> bool:
+    """True for Python and numpy integers, False for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """True for Python and numpy ints/floats, False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as a Python int; ``ValueError`` naming ``name`` if it is no int or below ``minimum``."""
+    if not is_int(value):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name}={v} is invalid: must be >= {minimum}")
+    return v
+
+
+def check_vocab_size(vocab_size: object) -> int:
+    """``vocab_size`` as an int; ``ValueError`` unless it is an int >= 2."""
+    if not is_int(vocab_size) or vocab_size < 2:
+        raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an int >= 2")
+    return int(vocab_size)
+
+
+def check_generator(generator: object) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
 def as_mask(response_mask: object, like: torch.Tensor | None = None, like_name: str = "",
             ndim: int | None = None, name: str = "response_mask") -> torch.Tensor:
     """Return a mask tensor as bool (non-zero = true), checking its shape against ``like``."""
@@ -51,16 +87,21 @@ def as_mask(response_mask: object, like: torch.Tensor | None = None, like_name: 
         require_tensor(like_name, like)
         check_same_shape(like_name, like, name, m)
     if m.dtype != torch.bool:
+        if m.is_floating_point():
+            n_bad = int((~torch.isfinite(m)).sum())
+            if n_bad:
+                raise ValueError(f"{name} contains {n_bad} NaN/inf values; a mask holds 0 (ignored) or 1 (scored)")
         m = m != 0
     return m
 
 
-def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Raise if ``x`` holds NaN/inf where ``mask`` is true (everywhere if mask is None).
+def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None, allow_neginf: bool = False) -> None:
+    """Raise if ``x`` holds NaN/inf (NaN/+inf with ``allow_neginf``) where ``mask`` is true (everywhere
+    if mask is None).
 
     ``mask`` may have fewer trailing dimensions than ``x`` (e.g. ``[B, T]`` for ``[B, T, k]``).
     """
-    bad = ~torch.isfinite(x)
+    bad = (torch.isnan(x) | torch.isposinf(x)) if allow_neginf else ~torch.isfinite(x)
     if mask is not None:
         m = mask
         while m.dim() < bad.dim():
@@ -68,21 +109,27 @@ def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         bad = bad & m
     n = int(bad.sum())
     if n:
-        raise ValueError(f"{name} contains {n} non-finite values at response positions")
+        what = "non-finite values (NaN/+inf)" if allow_neginf else "non-finite values"
+        raise ValueError(f"{name} contains {n} {what} at response positions")
 
 
-def prepare(name: str, x: object, mask: torch.Tensor) -> torch.Tensor:
+def prepare(name: str, x: object, mask: torch.Tensor, allow_neginf: bool = False) -> torch.Tensor:
     """float32 version of ``x`` (no copy if already float32), validated finite at valid positions.
 
     On return every element is finite: masked positions keep their (finite) values, non-finite
-    garbage there is replaced by 0. The common all-finite case costs one reduction.
+    garbage there is replaced by 0. The common all-finite case costs one reduction. With
+    ``allow_neginf`` (log-probabilities, where ``-inf`` is probability 0) ``-inf`` is accepted and
+    kept everywhere.
     """
     x = require_floating(name, x)
     xf = x.float()
     if xf.numel() == 0 or bool(torch.isfinite(xf.sum())):
         return xf
-    check_finite(name, xf, mask)
-    return torch.where(torch.isfinite(xf), xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    check_finite(name, xf, mask, allow_neginf)
+    keep = torch.isfinite(xf)
+    if allow_neginf:
+        keep |= torch.isneginf(xf)
+    return torch.where(keep, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
 
 
 def push_masked(xf: torch.Tensor, mask: torch.Tensor, notm: torch.Tensor, direction: float,
@@ -121,7 +168,7 @@ def row_counts(mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_ratio(ratio: object) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if not is_real(ratio):
         raise TypeError(f"ratio must be a float in (0, 1], got {type(ratio).__name__}")
     r = float(ratio)
     if not (0.0 < r <= 1.0):
@@ -149,6 +196,7 @@ def keep_counts(valid_counts: torch.Tensor, ratio: float) -> torch.Tensor:
 def uniform(shape: tuple[int, ...], generator: torch.Generator | None,
             device: torch.device) -> torch.Tensor:
     """U[0, 1) float32 draws from ``generator`` (drawn on the generator's device, then moved)."""
+    check_generator(generator)
     gen_device = generator.device if generator is not None else device
     u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
     return u.to(device)

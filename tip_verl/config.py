@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import is_int, is_real
+
 __all__ = ["METHODS", "TIPConfig"]
 
 #: All selection methods: ``all`` (plain OPD), ``entropy`` (top-ρ by h), ``entropy_sample``
@@ -32,8 +34,9 @@ _FLOATS = ("ratio", "entropy_threshold", "divergence_threshold")
 class TIPConfig:
     """Settings of TIP token selection; validated on construction (``ValueError`` naming the field).
 
-    ``method``: one of :data:`METHODS`. ``ratio``: retention ratio ρ in (0, 1] (Eq. 6; must be 1.0
-    for ``all``). ``selection_scope``: top-ρ per ``sequence`` (paper) or over the ``batch``.
+    ``method``: one of :data:`METHODS`. ``ratio``: retention ratio ρ in (0, 1] (Eq. 6); unset (None)
+    means 0.5, or 1.0 for ``all``, which keeps every token and accepts no other ratio.
+    ``selection_scope``: top-ρ per ``sequence`` (paper) or over the ``batch``.
     ``norm_scope``: min-max normalisation scope of Eq. 5. ``divergence``: sampled-token estimator
     used as δ when no teacher top-k is available (k1 | k3 | abs). ``sampling_mode``: for
     ``entropy_sample`` only. ``importance_weighting``: 1/π loss weights (poisson sampling only).
@@ -45,7 +48,7 @@ class TIPConfig:
     """
 
     method: str = "soft_or"
-    ratio: float = 0.5
+    ratio: float | None = None  # resolved in __post_init__: 1.0 for method="all", else 0.5
     selection_scope: str = "sequence"
     norm_scope: str = "batch"
     divergence: str = "k3"
@@ -70,15 +73,18 @@ class TIPConfig:
             value = getattr(self, field)
             if not isinstance(value, bool):
                 raise self._bad(field, value, "must be a bool (True or False)")
+        if self.ratio is None:
+            object.__setattr__(self, "ratio", 1.0 if self.method == "all" else 0.5)
         for field in _FLOATS:
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise self._bad(field, value, "must be a float")
             if not math.isfinite(value):
                 raise self._bad(field, value, "must be finite")
             object.__setattr__(self, field, float(value))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise self._bad("seed", self.seed, "must be an int")
+        object.__setattr__(self, "seed", int(self.seed))
         if not (0 <= self.seed < 2**63):
             raise self._bad("seed", self.seed, "must be in [0, 2**63)")
         if not (0.0 < self.ratio <= 1.0):
@@ -91,7 +97,7 @@ class TIPConfig:
                                     "threshold_mode='quantile'")
         # contradictions
         if self.method == "all" and self.ratio != 1.0:
-            raise self._bad("ratio", self.ratio, "method=all keeps every token; ratio must be 1.0")
+            raise self._bad("ratio", self.ratio, "method='all' keeps every token: leave ratio unset or set it to 1.0")
         if self.invert and self.method in ("all", "entropy_sample"):
             raise self._bad("invert", self.invert, f"invert=True cannot be combined with "
                             f"method={self.method!r} (it only applies to top-k methods)")

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import as_mask, prepare, push_masked, require_tensor, row_counts
+from ._checks import as_mask, check_generator, check_vocab_size, prepare, push_masked, require_tensor, row_counts
 from .config import TIPConfig
 from .scoring import token_scores
 from .selection import sample_tokens, select_tokens
 from .signals import normalized_entropy, sampled_token_divergence, topk_divergences
 from .taxonomy import classify_quadrants, quadrant_stats
 
-__all__ = ["TIPSelection", "select_for_batch"]
+__all__ = ["ENTROPY_TOL", "TIPSelection", "select_for_batch"]
+
+#: Rounding margin of the normalised entropy h (Eq. 2): valid h must lie in
+#: ``[-ENTROPY_TOL, 1 + ENTROPY_TOL]`` (entropies computed from bf16 logits can be off by ~0.1 nats).
+ENTROPY_TOL = 0.05
 
 
 @dataclass
@@ -28,6 +33,24 @@ class TIPSelection:
     scores: torch.Tensor  #: the selection score (soft_or for method all; h for entropy_sample)
     quadrants: torch.Tensor  #: int64 codes 1..4, 0 masked (Table 1)
     metrics: dict[str, float] = field(default_factory=dict)  #: keys prefixed "tip/"
+
+
+def _check_entropy_range(h: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    """Raise unless the normalised entropy ``h`` is in [0, 1] (up to ``ENTROPY_TOL``) at valid positions."""
+    if h.numel() == 0:
+        return
+    lo, hi = torch.aminmax(h)
+    if float(lo) >= -ENTROPY_TOL and float(hi) <= 1.0 + ENTROPY_TOL:
+        return
+    bad = ((h < -ENTROPY_TOL) | (h > 1.0 + ENTROPY_TOL)) & mask
+    n = int(bad.sum())
+    if n:
+        nats = h[bad].double() * math.log(vocab_size)
+        raise ValueError(
+            f"entropy_nats is outside [0, log(vocab_size)] = [0, {math.log(vocab_size):.4g}] nats at {n} response "
+            f"positions (from {float(nats.min()):.4g} to {float(nats.max()):.4g}): it must be the student's entropy "
+            f"in nats and vocab_size={vocab_size} the size of the student's output vocabulary"
+        )
 
 
 def _masked_mean(x: torch.Tensor, fm: torch.Tensor, n: int) -> float:
@@ -52,10 +75,16 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
 
     ``generator`` None means a fresh ``torch.Generator`` seeded with ``config.seed`` (identical draws
     every call): pass a persistent generator to get new randomness each step.
+
+    ``ValueError`` names the argument for NaN/inf at response positions, NaN in ``response_mask``,
+    entropies outside ``[0, log(vocab_size)]`` beyond rounding (``ENTROPY_TOL``; h is then clamped to
+    [0, 1]) and the top-k checks of :func:`tip_verl.signals.topk_divergences`.
     """
     if not isinstance(config, TIPConfig):
         raise TypeError(f"config must be a TIPConfig, got {type(config).__name__}")
     require_tensor("entropy_nats", entropy_nats)
+    vocab_size = check_vocab_size(vocab_size)
+    check_generator(generator)
     mask = as_mask(response_mask, student_logprobs, "student_logprobs", ndim=2)
     as_mask(mask, entropy_nats, "entropy_nats")
     as_mask(mask, teacher_logprobs, "teacher_logprobs")
@@ -64,12 +93,15 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
 
     fm = mask.to(torch.float32)
     h = normalized_entropy(prepare("entropy_nats", entropy_nats, mask), vocab_size).mul_(fm)
+    _check_entropy_range(h, mask, vocab_size)
+    h.clamp_(0.0, 1.0)
     sampled_delta = sampled_token_divergence(student_logprobs, teacher_logprobs, mask, config.divergence)
     have_topk = teacher_topk_logprobs is not None or student_topk_logprobs is not None
     if have_topk:
         if teacher_topk_logprobs is None or student_topk_logprobs is None:
             raise ValueError("teacher_topk_logprobs and student_topk_logprobs must be given together")
-        delta, forward = topk_divergences(teacher_topk_logprobs, teacher_topk_ids, student_topk_logprobs, mask)
+        delta, forward = topk_divergences(teacher_topk_logprobs, teacher_topk_ids, student_topk_logprobs, mask,
+                                          vocab_size=vocab_size)
     else:
         if teacher_topk_ids is not None:
             raise ValueError("teacher_topk_ids given without teacher_topk_logprobs/student_topk_logprobs")

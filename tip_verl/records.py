@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ._checks import as_mask, check_int
 from .taxonomy import THRESHOLD_MODES, quadrant_stats, resolve_thresholds
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "THRESHOLDS_FILE",
     "TOP_COLUMNS",
     "TokenRecordWriter",
+    "check_writable_dir",
     "list_record_files",
     "read_quadrant_shares",
     "read_records",
@@ -90,13 +93,31 @@ def record_path(out_dir: str | os.PathLike, step: int) -> Path:
     return Path(out_dir) / f"tokens_step{int(step):06d}.parquet"
 
 
-def _check_int(name: str, value: object, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    v = int(value)
-    if minimum is not None and v < minimum:
-        raise ValueError(f"{name}={v} is invalid: must be >= {minimum}")
-    return v
+def check_writable_dir(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` (one line naming ``path``) unless ``path`` is a directory, or can be created
+    as one, in which files can be written. Leaves nothing behind: folders made for the test are removed."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"{str(d)!r} exists and is not a directory")
+    created = []  # the missing folders, deepest first
+    p = d.absolute()
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tip_verl_write_test-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(d) else ""
+        raise ValueError(f"cannot write to directory {str(d)!r}: {exc.strerror or exc}{where}") from None
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -144,9 +165,9 @@ class TokenRecordWriter:
                  seed: int = 0) -> None:
         if not isinstance(out_dir, (str, os.PathLike)) or str(out_dir) == "":
             raise ValueError(f"out_dir must be a non-empty path, got {out_dir!r}")
-        self.every_n_steps = _check_int("every_n_steps", every_n_steps)
-        self.max_rows_per_step = _check_int("max_rows_per_step", max_rows_per_step, minimum=1)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.max_rows_per_step = check_int("max_rows_per_step", max_rows_per_step, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
         self.out_dir = Path(out_dir)
         self._warned_thresholds = False
         if self.enabled:
@@ -207,7 +228,7 @@ class TokenRecordWriter:
         """
         if self.every_n_steps <= 0:
             return None
-        step = _check_int("step", step, minimum=0)
+        step = check_int("step", step, minimum=0)
         if step % self.every_n_steps:
             return None
         cfg = _resolve_threshold_config(thresholds)
@@ -269,8 +290,7 @@ class TokenRecordWriter:
             raise TypeError(f"sequence_ids must be a sequence of {shape[0]} ids, got {type(sequence_ids).__name__}")
         if len(sequence_ids) != shape[0]:
             raise ValueError(f"sequence_ids has {len(sequence_ids)} ids but the batch has {shape[0]} rows")
-        mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-        return mask, fields
+        return as_mask(response_mask), fields
 
     def _check_thresholds(self, selection, mask, te: float, td: float) -> None:
         """Warn (once) when the thresholds do not reproduce ``selection.quadrants`` (wrong config given)."""

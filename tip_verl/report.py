@@ -11,8 +11,9 @@ Reads what :class:`tip_verl.records.TokenRecordWriter` wrote and makes three PNG
    quadrant, and per kept token (highest δ first) its text, h, δ and, when recorded, the student's
    and teacher's top-1 choices; text decoded with ``--tokenizer`` (token ids without one).
 
-It prints the same as tables on stdout. Errors (no records, unknown step, unloadable tokenizer)
-print one ``tip-verl-report: error: ...`` line to stderr and exit with code 2.
+It prints the same as tables on stdout. Errors (no records, unknown step, unloadable tokenizer,
+unwritable ``--out``) print one ``tip-verl-report: error: ...`` line to stderr and exit with code 2;
+an unreadable records file is skipped with a warning. A failed report leaves no ``--out`` folder behind.
 
 Usage: ``tip-verl-report RECORDS_DIR [--out DIR] [--step S] [--max-sequences N] [--tokenizer PATH]``
 (or ``python -m tip_verl.report ...``). Never imports verl.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -32,7 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .records import list_record_files, read_quadrant_shares, read_records, read_thresholds
+from ._checks import is_int
+from .records import (COLUMNS, check_writable_dir, list_record_files, read_quadrant_shares, read_records,
+                      read_thresholds)
 
 __all__ = ["QUADRANT_LABELS", "Report", "ReportError", "main", "make_report"]
 
@@ -114,9 +118,9 @@ class _Decoder:
 
 @dataclass
 class _Aggregates:
-    """Per-quadrant sums over all records files, and per-step sampled shares (one streaming pass)."""
+    """Per-quadrant sums over the readable records files, and per-step sampled shares (one streaming pass)."""
 
-    files: int = 0
+    readable: dict[int, Path] = field(default_factory=dict)  # step -> file, unreadable ones left out
     tokens: int = 0
     quad: pd.DataFrame | None = None  # index 1..4: tokens, kept, sum_h, sum_d
     step_shares: pd.DataFrame | None = None  # sampled shares per step (fallback for the csv)
@@ -134,11 +138,18 @@ def _aggregate(files: dict[int, Path], progress: bool) -> _Aggregates:
 
         items = tqdm(items, total=len(files), desc="reading records", unit="file")
     total = 0
+    readable = {}
     for step, path in items:
         try:
+            missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
+            if missing:
+                raise ValueError(f"not a TIP records file, it lacks the columns {missing}")
             df = pq.read_table(path, columns=_AGG_COLUMNS).to_pandas()
         except (OSError, ValueError, KeyError) as exc:  # pyarrow: ArrowInvalid is a ValueError
-            raise ReportError(f"cannot read records file {str(path)!r}: {exc}") from None
+            print(f"{PROG}: warning: skipping unreadable records file {str(path)!r}: {_first_line(exc)}",
+                  file=sys.stderr)
+            continue
+        readable[step] = path
         total += len(df)
         part = _quad_sums(df)
         quad += part
@@ -148,7 +159,21 @@ def _aggregate(files: dict[int, Path], progress: bool) -> _Aggregates:
             row[f"q{i}_share"] = float(part.loc[i, "tokens"]) / n if n else 0.0
             row[f"q{i}_kept_share"] = float(part.loc[i, "kept"]) / k if k else 0.0
         rows.append(row)
-    return _Aggregates(files=len(files), tokens=total, quad=quad, step_shares=pd.DataFrame(rows))
+    return _Aggregates(readable=readable, tokens=total, quad=quad, step_shares=pd.DataFrame(rows))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (pyarrow's run on with a schema dump)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    missing = None
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        missing, p = p, p.parent
+    return missing
 
 
 def _quad_sums(df: pd.DataFrame) -> pd.DataFrame:
@@ -558,21 +583,22 @@ def make_report(records_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     """
     for name, value, lo in (("max_sequences", max_sequences, 0), ("max_tokens", max_tokens, 1),
                             ("max_detail", max_detail, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        if not is_int(value) or value < lo:
             raise ReportError(f"{name} must be an integer >= {lo}, got {value!r}")
     records_dir = Path(records_dir)
     try:
         files = list_record_files(records_dir)
     except FileNotFoundError as exc:
         raise ReportError(str(exc)) from None
-    if step is None:
-        step = max(files)
-    elif step not in files:
+    if step is not None and step not in files:
         shown = ", ".join(map(str, list(files)[:10])) + (", ..." if len(files) > 10 else "")
         raise ReportError(f"no records for step {step} in {str(records_dir)!r}; recorded steps: {shown}")
-    decode = _Decoder(_load_tokenizer(tokenizer))
     out = Path(out_dir) if out_dir is not None else records_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable_dir(out)
+    except ValueError as exc:
+        raise ReportError(f"output folder (--out): {exc}") from None
+    decode = _Decoder(_load_tokenizer(tokenizer))
 
     try:
         thresholds = read_thresholds(records_dir)
@@ -585,10 +611,22 @@ def make_report(records_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
         print(f"{PROG}: warning: ignoring unreadable quadrant_shares.csv: {exc}", file=sys.stderr)
         shares = None
     agg = _aggregate(files, progress)
+    if not agg.readable:
+        raise ReportError(f"no readable records file in {str(records_dir)!r} ({len(files)} skipped, see the "
+                          "warnings above)")
+    if step is None:
+        step = max(agg.readable)
+    elif step not in agg.readable:
+        raise ReportError(f"the records file of step {step} cannot be read ({str(files[step])!r}, see the warning "
+                          "above); choose another --step")
     exact = shares is not None
     if shares is None:
         shares = agg.step_shares
-    df = read_records(records_dir, steps=[step])
+    try:
+        df = read_records(records_dir, steps=[step])
+    except (OSError, ValueError) as exc:  # readable for the aggregates, not in full
+        raise ReportError(f"cannot read the records file of step {step} ({str(files[step])!r}): "
+                          f"{_first_line(exc)}") from None
     decode.prefetch(df["token_id"].tolist())
     for col in ("student_top_id", "teacher_top_id"):
         decode.prefetch(df[col].dropna().astype(int).tolist())
@@ -600,16 +638,27 @@ def make_report(records_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     plane_png = out / f"plane_step{step:06d}.png"
     shares_png = out / "quadrant_shares.png"
     text_png = out / f"text_step{step:06d}.png"
-    _plane_png(plane_png, df, step, thr, shares_row, exact)
-    _shares_png(shares_png, shares, exact, step)
-    _text_png(text_png, seqs, decode, step, max_detail)
+    created = _first_missing(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _plane_png(plane_png, df, step, thr, shares_row, exact)
+        _shares_png(shares_png, shares, exact, step)
+        _text_png(text_png, seqs, decode, step, max_detail)
+    except BaseException as exc:
+        if created is not None:  # leave no half-written report folder behind
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ReportError(f"cannot write the figures to {str(out)!r}: {exc}") from None
+        raise
 
     how = "exact, all tokens of each recorded step" if exact else "estimated from the sampled records"
     thr_line = (f"thresholds at step {step}: h > {thr['entropy']:.4g}, δ > {thr['divergence']:.4g} "
                 f"({thr.get('threshold_mode', '?')})" if thr else f"thresholds at step {step}: unknown")
     text = "\n".join([
         f"TIP taxonomy report for {records_dir}",
-        f"{len(files)} records files, steps {min(files)}..{max(files)}; {agg.tokens} sampled tokens in all",
+        f"{len(agg.readable)} records files, steps {min(agg.readable)}..{max(agg.readable)}; {agg.tokens} sampled "
+        "tokens in all" + (f" ({len(files) - len(agg.readable)} unreadable file(s) skipped)"
+                           if len(agg.readable) < len(files) else ""),
         "",
         f"Quadrant shares per step ({how}):",
         _format_shares_table(shares),

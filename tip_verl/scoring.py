@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_mask, check_choice, prepare, push_masked, push_scale, uniform
+from ._checks import as_mask, check_choice, check_generator, prepare, push_masked, push_scale, uniform
 
 __all__ = ["NORM_SCOPES", "SCORE_METHODS", "minmax_normalize", "token_scores"]
 
@@ -31,6 +31,11 @@ def _minmax(xf: torch.Tensor, mask: torch.Tensor, fm: torch.Tensor, notm: torch.
     ok = span > 0  # false for constant groups and (sequence scope) empty rows
     inv = torch.where(ok, 1.0 / torch.where(ok, span, 1.0), 0.0)
     lo = torch.where(ok, lo, 0.0)
+    if bool((ok & ~(torch.isfinite(span) & torch.isfinite(inv))).any()):
+        # a spread beyond float32 (> 3.4e38) or below 1/3.4e38: the same arithmetic in float64
+        span64 = hi.double() - lo.double()
+        out = (xf.double() - lo.double()).div_(torch.where(ok, span64, 1.0)).clamp_(0.0, 1.0)
+        return torch.where(ok, out, 0.0).mul_(fm).float()
     # clamp before the mask multiply: masked garbage may overflow to ±inf, which the clamp maps
     # into [0, 1] (so no 0 * inf = NaN)
     return (xf - lo).mul_(inv).clamp_(0.0, 1.0).mul_(fm)
@@ -41,7 +46,8 @@ def minmax_normalize(x: torch.Tensor, response_mask: torch.Tensor, scope: str = 
 
     ``scope="batch"`` uses one min/max over all valid tokens of ``[B, T]``; ``"sequence"`` one per
     row. A constant group (max == min) maps to 0, masked positions and empty rows output 0.
-    Returns float32.
+    Returns float32, finite for every finite input (spreads too large or too small for float32
+    arithmetic are computed in float64).
     """
     check_choice("scope", scope, NORM_SCOPES)
     mask = as_mask(response_mask, x, "x", ndim=2)
@@ -75,6 +81,7 @@ def token_scores(method: str, *, entropy: torch.Tensor | None = None,
     """
     check_choice("method", method, SCORE_METHODS)
     check_choice("scope", scope, NORM_SCOPES)
+    check_generator(generator)
     mask = as_mask(response_mask, ndim=2)
     for name, t in (("entropy", entropy), ("divergence", divergence), ("forward_divergence", forward_divergence)):
         if t is not None:

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import as_mask, check_choice, check_ratio, keep_counts, prepare, push_masked, row_counts, uniform
+from ._checks import (as_mask, check_choice, check_generator, check_ratio, keep_counts, prepare, push_masked,
+                      row_counts, uniform)
 
 __all__ = ["SELECTION_SCOPES", "SAMPLING_MODES", "SampledTokens", "select_tokens", "sample_tokens"]
 
@@ -160,6 +161,7 @@ def sample_tokens(weights: torch.Tensor, response_mask: torch.Tensor, ratio: flo
       0 at masked positions).
     """
     r = check_ratio(ratio)
+    check_generator(generator)
     check_choice("mode", mode, SAMPLING_MODES)
     check_choice("scope", scope, SELECTION_SCOPES)
     mask = as_mask(response_mask, weights, "weights", ndim=2)

@@ -10,11 +10,13 @@ import math
 
 import torch
 
-from ._checks import as_mask, prepare, check_choice, check_same_shape, require_floating, require_tensor
+from ._checks import (as_mask, check_choice, check_same_shape, check_vocab_size, is_int, prepare, require_floating,
+                      require_tensor)
 
 __all__ = [
     "DIVERGENCE_ESTIMATORS",
     "LOG_RATIO_CLAMP",
+    "LOGPROB_TOL",
     "normalized_entropy",
     "sampled_token_divergence",
     "topk_divergences",
@@ -30,6 +32,11 @@ LOG_RATIO_CLAMP = 20.0
 
 #: Lower bound of the tail bucket probability in :func:`topk_divergences`.
 TAIL_EPS = 1e-12
+#: Rounding tolerance of top-k log-probabilities: a log-prob above it, or top-k probabilities summing
+#: to more than ``1 + LOGPROB_TOL``, cannot come from a distribution (:func:`topk_divergences`).
+LOGPROB_TOL = 1e-3
+#: Stand-in for a ``-inf`` log-prob in float64: ``exp`` underflows to exactly 0.
+_LOG_ZERO = -1e4
 #: Elements per float64 chunk in :func:`topk_divergences` (16 MiB per temporary).
 _TOPK_CHUNK_ELEMS = 1 << 21
 
@@ -41,9 +48,19 @@ def normalized_entropy(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
     (masked positions are passed through; the pipeline validates and zeroes them).
     """
     require_floating("entropy", entropy)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an int >= 2")
-    return entropy.float() / math.log(vocab_size)
+    return entropy.float() / math.log(check_vocab_size(vocab_size))
+
+
+def _check_zero_probability(s_zero: torch.Tensor, t_zero: torch.Tensor, s_name: str, t_name: str) -> None:
+    """Raise where a probability is 0 (``-inf``) on one side only: a KL would be infinite there."""
+    for zero, other, name, other_name, kl in ((t_zero, s_zero, t_name, s_name, "KL(S||T)"),
+                                              (s_zero, t_zero, s_name, t_name, "KL(T||S)")):
+        n = int((zero & ~other).sum())
+        if n:
+            raise ValueError(
+                f"{name} is -inf (probability 0) at {n} entries where {other_name} is not: {kl} would be "
+                "infinite; probability 0 is allowed only where both are -inf"
+            )
 
 
 def sampled_token_divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -84,16 +101,22 @@ def sampled_token_divergence(student_logprobs: torch.Tensor, teacher_logprobs: t
 
 
 def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor | None,
-                     student_logprobs_at_ids: torch.Tensor,
-                     response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     student_logprobs_at_ids: torch.Tensor, response_mask: torch.Tensor, *,
+                     vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse and forward KL over the teacher's top-k support plus one tail bucket (Eq. 3).
 
     Both distributions are collapsed onto the k teacher top-k tokens plus a bucket holding each
     side's leftover mass, ``tail_t = 1 - Σ p_t(top-k)`` and ``tail_s = 1 - Σ p_s(top-k)`` (clamped
     to ≥ ``TAIL_EPS``). Returns ``(KL(S||T), KL(T||S))`` as float32 ``[B, T]``, non-negative, 0 at
     masked positions. With k = |V| this is the exact KL. The arithmetic runs in float64 over
-    bounded row chunks (the tail is a difference of nearly equal numbers). ``teacher_topk_ids`` (optional) is only
-    validated (integer dtype, same shape); the student log-probs must already be gathered at those ids.
+    bounded row chunks (the tail is a difference of nearly equal numbers). ``teacher_topk_ids``
+    (optional) is only validated; the student log-probs must already be gathered at those ids.
+
+    At response positions, ``ValueError`` naming the tensor unless: k >= 1; log-probs <= 0 and each
+    side's top-k probabilities sum to <= 1 (both up to ``LOGPROB_TOL``); ids are integers, distinct
+    within a position and, when ``vocab_size`` is given, in ``[0, vocab_size)``. A log-prob of
+    ``-inf`` (probability 0) is allowed where both sides are ``-inf`` (the entry adds 0 to both KLs);
+    on one side only a KL is infinite and it raises, as in :func:`full_logits_divergences`.
     """
     require_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
     require_tensor("student_logprobs_at_ids", student_logprobs_at_ids)
@@ -109,19 +132,52 @@ def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torc
                          "teacher_topk_ids", teacher_topk_ids)
         if teacher_topk_ids.is_floating_point() or teacher_topk_ids.dtype == torch.bool:
             raise ValueError(f"teacher_topk_ids must be an integer tensor, got dtype {teacher_topk_ids.dtype}")
+    if vocab_size is not None:
+        vocab_size = check_vocab_size(vocab_size)
     mask = as_mask(response_mask)
     if tuple(mask.shape) != tuple(teacher_topk_logprobs.shape[:2]):
         raise ValueError(
             f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)} but response_mask has "
             f"shape {tuple(mask.shape)}; their first two dimensions must match"
         )
-    lp_t_all = prepare("teacher_topk_logprobs", teacher_topk_logprobs, mask)
-    lp_s_all = prepare("student_logprobs_at_ids", student_logprobs_at_ids, mask)
-    k = lp_t_all.shape[-1]
+    k = teacher_topk_logprobs.shape[-1]
+    if k == 0:
+        raise ValueError(f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}: k=0 top-k "
+                         "entries per token; k must be >= 1")
+    lp_t_all = prepare("teacher_topk_logprobs", teacher_topk_logprobs, mask, allow_neginf=True)
+    lp_s_all = prepare("student_logprobs_at_ids", student_logprobs_at_ids, mask, allow_neginf=True)
+    m3 = mask.unsqueeze(-1)
+    if teacher_topk_ids is not None and teacher_topk_ids.numel():
+        lo, hi = int(teacher_topk_ids.amin()), int(teacher_topk_ids.amax())
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            bad = teacher_topk_ids < 0
+            if vocab_size is not None:
+                bad |= teacher_topk_ids >= vocab_size
+            n_bad = int((bad & m3).sum())
+            if n_bad:
+                where = "below 0" if vocab_size is None else f"outside [0, vocab_size={vocab_size})"
+                raise ValueError(f"teacher_topk_ids has {n_bad} ids {where} at response positions")
+    has_zero = False  # a -inf log-prob somewhere
+    for name, lp in (("teacher_topk_logprobs", lp_t_all), ("student_logprobs_at_ids", lp_s_all)):
+        if not lp.numel():
+            continue
+        lo, hi = torch.aminmax(lp)
+        has_zero |= float(lo) == -math.inf
+        if float(hi) > LOGPROB_TOL:
+            n_bad = int(((lp > LOGPROB_TOL) & m3).sum())
+            if n_bad:
+                raise ValueError(f"{name} has {n_bad} log-probabilities above 0 at response positions (max "
+                                 f"{float(lp[m3.expand_as(lp)].max()):.4g}); log-probs must be <= 0")
+    if has_zero:
+        _check_zero_probability(torch.isneginf(lp_s_all) & m3, torch.isneginf(lp_t_all) & m3,
+                                "student_logprobs_at_ids", "teacher_topk_logprobs")
     n = mask.numel()
     lt2, ls2, m1 = lp_t_all.reshape(n, k), lp_s_all.reshape(n, k), mask.reshape(n)
+    ids2 = teacher_topk_ids.reshape(n, k) if teacher_topk_ids is not None else None
     reverse = torch.zeros(n, dtype=torch.float32, device=mask.device)
     forward = torch.zeros(n, dtype=torch.float32, device=mask.device)
+    duplicated = 0
+    over = {"teacher_topk_logprobs": [0, 0.0], "student_logprobs_at_ids": [0, 0.0]}  # positions, max mass
     # float64 in bounded row chunks: tail = 1 - Σp cancels catastrophically in float32 when the
     # top-k covers almost all the mass (a 1e-7 error on a 1e-6 tail is a 10% error on its log)
     rows = max(1, _TOPK_CHUNK_ELEMS // max(k, 1))
@@ -129,17 +185,35 @@ def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torc
         sl = slice(start, start + rows)
         fm = m1[sl].to(torch.float64)
         fm2 = fm.unsqueeze(-1)
-        lt = lt2[sl].double().mul_(fm2)  # masked rows -> log-probs 0 -> zero divergence
-        ls = ls2[sl].double().mul_(fm2)
+        lt, ls = lt2[sl].double(), ls2[sl].double()
+        if has_zero:  # -inf (on both sides, checked above) -> p = 0 exactly, and no -inf * 0 below
+            lt, ls = lt.nan_to_num_(neginf=_LOG_ZERO), ls.nan_to_num_(neginf=_LOG_ZERO)
+        lt, ls = lt.mul_(fm2), ls.mul_(fm2)  # masked rows -> log-probs 0 -> zero divergence
         pt, ps = lt.exp(), ls.exp()
-        tail_t = (1.0 - pt.sum(-1)).clamp_min_(TAIL_EPS)
-        tail_s = (1.0 - ps.sum(-1)).clamp_min_(TAIL_EPS)
+        mass_t, mass_s = pt.sum(-1), ps.sum(-1)
+        for name, mass in (("teacher_topk_logprobs", mass_t), ("student_logprobs_at_ids", mass_s)):
+            bad = (mass > 1.0 + LOGPROB_TOL) & m1[sl]
+            if bool(bad.any()):
+                over[name][0] += int(bad.sum())
+                over[name][1] = max(over[name][1], float(mass[bad].max()))
+        if ids2 is not None:
+            ids = ids2[sl][m1[sl]].sort(-1).values
+            duplicated += int((ids[:, 1:] == ids[:, :-1]).any(-1).sum())
+        tail_t = (1.0 - mass_t).clamp_min_(TAIL_EPS)
+        tail_s = (1.0 - mass_s).clamp_min_(TAIL_EPS)
         diff = ls.sub_(lt)  # log p_s - log p_t on the top-k support
         log_tail_diff = tail_s.log() - tail_t.log()
         rev = (ps * diff).sum(-1) + tail_s * log_tail_diff
         fwd = -(pt * diff).sum(-1) - tail_t * log_tail_diff
         reverse[sl] = rev.clamp_min_(0.0).mul_(fm).to(torch.float32)
         forward[sl] = fwd.clamp_min_(0.0).mul_(fm).to(torch.float32)
+    if duplicated:
+        raise ValueError(f"teacher_topk_ids repeats an id within the top-k at {duplicated} response positions; "
+                         "the top-k ids of a position must be distinct")
+    for name, (count, mx) in over.items():
+        if count:
+            raise ValueError(f"{name}: the top-k probabilities sum to more than 1 at {count} response positions "
+                             f"(max {mx:.6g}); they must come from one normalised distribution")
     return reverse.reshape(mask.shape), forward.reshape(mask.shape)
 
 
@@ -153,14 +227,15 @@ def full_logits_divergences(student_logits: torch.Tensor, teacher_logits: torch.
     shape. Rows are processed ``chunk_size`` at a time (only rows where ``response_mask`` is set),
     so peak extra memory is a few ``(chunk_size, V)`` float32 buffers and no full-size float32 copy
     of the logits is made. Runs under ``torch.no_grad``. Masked rows return 0. A logit of ``-inf``
-    means probability 0 and is allowed; NaN/+inf at valid rows raise ``ValueError``.
+    means probability 0 and is allowed where both sides are ``-inf`` (as in :func:`topk_divergences`);
+    on one side only a KL is infinite and ``ValueError`` is raised, as for NaN/+inf at valid rows.
     """
     require_floating("student_logits", student_logits)
     require_floating("teacher_logits", teacher_logits)
     check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be a positive int")
     lead = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
@@ -196,6 +271,10 @@ def full_logits_divergences(student_logits: torch.Tensor, teacher_logits: torch.
                 raise ValueError(f"{name} contains {bad} non-finite values at response positions")
             if bool(torch.isneginf(chunk).all(-1).any()):
                 raise ValueError(f"{name} has a response row whose logits are all -inf")
+        s_zero, t_zero = torch.isneginf(s_chunk), torch.isneginf(t_chunk)
+        if bool(s_zero.any()) or bool(t_zero.any()):
+            _check_zero_probability(s_zero, t_zero, "student_logits", "teacher_logits")
+        del s_zero, t_zero
         ls = torch.log_softmax(s_chunk, dim=-1, dtype=torch.float32)
         lt = torch.log_softmax(t_chunk, dim=-1, dtype=torch.float32)
         del s_chunk, t_chunk

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._checks import as_mask, check_choice, prepare, push_masked, row_counts
+from ._checks import as_mask, check_choice, is_real, prepare, push_masked, row_counts
 
 __all__ = ["THRESHOLD_MODES", "classify_quadrants", "quadrant_stats", "resolve_thresholds"]
 
@@ -46,7 +46,7 @@ def _f32(value: float) -> float:
 
 
 def _check_threshold(name: str, value: object, mode: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     v = float(value)
     if v != v or v in (float("inf"), float("-inf")):

@@ -3,6 +3,7 @@
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 from tip_verl import METHODS, TIPConfig
@@ -61,7 +62,7 @@ def test_allowed_values_are_listed():
 
 
 @pytest.mark.parametrize("kwargs, field, fragment", [
-    (dict(method="all"), "ratio", "method=all keeps every token; ratio must be 1.0"),
+    (dict(method="all", ratio=0.5), "ratio", "method='all' keeps every token: leave ratio unset or set it to 1.0"),
     (dict(method="all", ratio=1.0, invert=True), "invert", "cannot be combined with method='all'"),
     (dict(method="entropy_sample", invert=True), "invert", "cannot be combined with method='entropy_sample'"),
     (dict(method="soft_or", sampling_mode="poisson"), "sampling_mode", "requires method='entropy_sample'"),
@@ -108,3 +109,22 @@ def test_frozen_and_replace_revalidates():
     assert dataclasses.replace(cfg, ratio=0.1).ratio == 0.1
     with pytest.raises(ValueError, match="TIPConfig.ratio=0.0"):
         dataclasses.replace(cfg, ratio=0.0)
+
+
+def test_method_all_alone_keeps_every_token_and_other_methods_default_to_half():
+    assert TIPConfig(method="all").ratio == 1.0
+    assert TIPConfig().ratio == 0.5 and TIPConfig(method="entropy").ratio == 0.5
+    assert TIPConfig(method="all") == TIPConfig(method="all", ratio=1.0)
+    assert TIPConfig.from_dict({"method": "all"}).ratio == 1.0
+    # an explicit contradictory ratio is named together with the method
+    with pytest.raises(ValueError, match=r"^TIPConfig\.ratio=0\.5 is invalid: method='all' keeps every token: "
+                                         r"leave ratio unset or set it to 1\.0$"):
+        TIPConfig(method="all", ratio=0.5)
+
+
+def test_numpy_scalars_are_accepted_as_ints_and_floats():
+    cfg = TIPConfig(ratio=np.float32(0.25), seed=np.int64(3), entropy_threshold=np.float64(0.4))
+    assert (cfg.ratio, cfg.seed, cfg.entropy_threshold) == (0.25, 3, 0.4)
+    assert type(cfg.seed) is int and type(cfg.ratio) is float
+    with pytest.raises(ValueError, match=r"TIPConfig\.seed=.*True.* is invalid: must be an int"):
+        TIPConfig(seed=np.bool_(True))

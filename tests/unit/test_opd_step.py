@@ -210,3 +210,30 @@ def test_topk_step_with_server_teacher_has_zero_advantages_and_topk_metrics(tmp_
     with pytest.raises(ValueError, match="needs teacher_logprobs"):
         opd_step(run, student_logprobs=lp_s, teacher_logprobs=None, entropy_nats=ent, response_mask=mask,
                  vocab_size=V)
+
+
+def test_unwritable_records_dir_fails_at_start_up_naming_the_flag(tmp_path):
+    bad = {"tip.records_every": 1, "tip.records_dir": "/proc/forbidden/records"}
+    with pytest.raises(TIPConfigError, match=(
+            r"^\+tip\.records_dir=/proc/forbidden/records: cannot write to directory '/proc/forbidden/records': "
+            r"No such file or directory \(/proc/forbidden\); the token records \(\+tip\.records_every=1\) need a "
+            r"writable folder\.$")):
+        validate_verl_config(_verl_cfg(tmp_path, **bad))
+    (tmp_path / "ckpt").write_text("a file, not a folder")
+    with pytest.raises(TIPConfigError, match=r"^\+tip\.records_dir \(default <trainer\.default_local_dir>/"
+                                             r"tip_records\)=.*ckpt/tip_records: cannot write to directory"):
+        validate_verl_config(_verl_cfg(tmp_path, **{"tip.records_every": 1,
+                                                   "trainer.default_local_dir": str(tmp_path / "ckpt")}))
+    # records off: the folder is never looked at; a writable one passes and nothing is created yet
+    assert validate_verl_config(_verl_cfg(tmp_path, **{**bad, "tip.records_every": 0})).records_every == 0
+    good = tmp_path / "out" / "records"
+    run = validate_verl_config(_verl_cfg(tmp_path, **{"tip.records_every": 2, "tip.records_dir": str(good)}))
+    assert run.records_path("unused") == str(good) and not (tmp_path / "out").exists()
+    assert TIPRunConfig.from_mapping({"teacher_path": "t"}).records_path("ckpt") == "ckpt/tip_records"
+
+
+def test_method_all_alone_and_contradictory_ratio(tmp_path):
+    assert _run(tmp_path, method="all").selection.ratio == 1.0
+    with pytest.raises(TIPConfigError, match=r"TIPConfig\.ratio=0\.5 is invalid: method='all' keeps every token: "
+                                             r"leave ratio unset or set it to 1\.0"):
+        _run(tmp_path, method="all", ratio=0.5)

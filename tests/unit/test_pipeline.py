@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,3 +250,66 @@ def test_zero_size_batches(shape):
     cfg = TIPConfig(method="entropy_sample", sampling_mode="poisson", importance_weighting=True)
     sel = select_for_batch(cfg, **kw)
     assert sel.loss_weights.shape == shape and sel.metrics["tip/loss_weight_max"] == 0.0
+
+
+def test_entropy_outside_zero_log_vocab_raises_naming_vocab_size():
+    kw = _inputs(seed=14)
+    mask = kw["response_mask"]
+    neg = kw["entropy_nats"].clone()
+    neg[0, 0] = -2.0
+    with pytest.raises(ValueError, match=r"entropy_nats is outside \[0, log\(vocab_size\)\] = \[0, 4\.159\] nats at 1 "
+                                         r"response positions \(from -2 to -2\).*vocab_size=64 the size of the "
+                                         r"student's output vocabulary"):
+        select_for_batch(TIPConfig(), **{**kw, "entropy_nats": neg})
+    # a vocab_size that is too small: entropies above log|V|
+    with pytest.raises(ValueError, match=r"entropy_nats is outside \[0, log\(vocab_size\)\] = \[0, 1\.609\]"):
+        select_for_batch(TIPConfig(), **{**kw, "vocab_size": 5})
+    # rounding (within ENTROPY_TOL) is accepted and clamped into [0, 1]; masked garbage is ignored
+    near = kw["entropy_nats"].clone()
+    near[0, 0], near[0, 1] = -1e-4, math.log(VOCAB) * (1 + 1e-4)
+    near[~mask] = -50.0
+    sel = select_for_batch(TIPConfig(method="entropy_sample", ratio=0.5), **{**kw, "entropy_nats": near})
+    assert sel.entropy[0, 0].item() == 0.0 and sel.entropy[0, 1].item() == 1.0
+    assert 0.0 <= sel.metrics["tip/entropy_mean"] <= 1.0
+
+
+def test_confident_student_with_tiny_entropy_spread_does_not_crash():
+    """Entropies [[0, 1e-38, 0, 0]] gave NaN scores ("scores contains 3 non-finite values")."""
+    lp = torch.tensor([[-1e-6, -2e-6, -1e-6, -3e-6]])
+    kw = dict(entropy_nats=torch.tensor([[0.0, 1e-38, 0.0, 0.0]]), vocab_size=VOCAB, student_logprobs=lp,
+              teacher_logprobs=lp - 0.5, response_mask=torch.ones(1, 4, dtype=torch.bool))
+    for method in METHODS:
+        sel = select_for_batch(_cfg(method), **kw)
+        assert bool(torch.isfinite(sel.scores).all())
+        assert all(math.isfinite(v) for v in sel.metrics.values())
+
+
+def test_nan_in_a_float_mask_raises_and_numpy_ints_are_accepted():
+    kw = _inputs(seed=15)
+    fmask = kw["response_mask"].float()
+    fmask[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="response_mask contains 1 NaN/inf values"):
+        select_for_batch(TIPConfig(), **{**kw, "response_mask": fmask})
+    int_mask = kw["response_mask"].long()
+    a = select_for_batch(TIPConfig(), **{**kw, "response_mask": int_mask, "vocab_size": np.int64(VOCAB)})
+    b = select_for_batch(TIPConfig(), **kw)
+    assert torch.equal(a.keep_mask, b.keep_mask)
+
+
+def test_generator_must_be_a_torch_generator():
+    kw = _inputs(seed=16)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        select_for_batch(TIPConfig(), **kw, generator=1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        sample_tokens(torch.rand(2, 3), torch.ones(2, 3), 0.5, generator=1, mode="without_replacement")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        sample_tokens(torch.rand(2, 3), torch.ones(2, 3), 1.0, generator="0", mode="without_replacement")
+
+
+def test_topk_ids_beyond_the_student_vocabulary_raise():
+    kw = _inputs(seed=17, topk=4)
+    ids = kw["teacher_topk_ids"].clone()
+    row, col = kw["response_mask"].nonzero()[0].tolist()
+    ids[row, col, 0] = VOCAB
+    with pytest.raises(ValueError, match=r"teacher_topk_ids has 1 ids outside \[0, vocab_size=64\)"):
+        select_for_batch(TIPConfig(), **{**kw, "teacher_topk_ids": ids})

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tip_verl import TIPConfig, quadrant_stats, select_for_batch
-from tip_verl.records import (COLUMNS, TOP_COLUMNS, TokenRecordWriter, read_quadrant_shares, read_records,
-                              read_thresholds, record_path)
+from tip_verl.records import (COLUMNS, TOP_COLUMNS, TokenRecordWriter, check_writable_dir, read_quadrant_shares,
+                              read_records, read_thresholds, record_path)
 from tip_verl.taxonomy import resolve_thresholds
 
 VOCAB = 50
@@ -265,3 +265,23 @@ def test_read_records_errors_name_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"step\(s\) \[5\].*recorded steps: 1"):
         read_records(tmp_path, steps=[5])
     assert list(read_records(tmp_path, columns=["step", "kept"]).columns) == ["step", "kept"]
+
+
+def test_check_writable_dir_names_the_path_and_leaves_nothing_behind(tmp_path):
+    check_writable_dir(tmp_path)  # an existing folder
+    check_writable_dir(tmp_path / "a" / "b" / "c")  # folders it would create...
+    assert list(tmp_path.iterdir()) == []  # ... are removed again, and so is the probe file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^'.*file' exists and is not a directory$"):
+        check_writable_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"^cannot write to directory '.*file/sub': Not a directory"):
+        check_writable_dir(tmp_path / "file" / "sub")
+    with pytest.raises(ValueError, match=r"^cannot write to directory '/proc/forbidden/x': No such file or directory "
+                                         r"\(/proc/forbidden\)$"):
+        check_writable_dir("/proc/forbidden/x")
+
+
+def test_numpy_integers_are_accepted_by_the_writer(tmp_path):
+    w = TokenRecordWriter(tmp_path / "r", every_n_steps=np.int64(2), max_rows_per_step=np.int32(40), seed=np.uint8(1))
+    assert (w.every_n_steps, w.max_rows_per_step, w.seed) == (2, 40, 1)
+    assert write(w, np.int64(4), make_batch(0)) == record_path(tmp_path / "r", 4)

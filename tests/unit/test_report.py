@@ -175,3 +175,75 @@ def test_tokenizer_backed_text_view_shows_text_and_top_choices(tmp_path, capsys)
             assert f"Q{r['quadrant']}" in line and f"{r['entropy']:.3f}" in line
     assert main([str(records), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def _error_lines(err):
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("tip-verl-report: error: ") and "Traceback" not in err, err
+    return lines
+
+
+@pytest.mark.parametrize("bad_out", ["/proc/forbidden/x", "file"])
+def test_unwritable_out_is_one_error_line(records, tmp_path, capsys, bad_out):
+    if bad_out == "file":
+        bad_out = tmp_path / "a_file"
+        bad_out.write_text("")
+    assert main([str(records), "--out", str(bad_out), "--no-progress"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "output folder (--out)" in lines[0] and str(bad_out) in lines[0]
+
+
+def _copy_records(records, d, steps=range(5)):
+    d.mkdir()
+    for step in steps:
+        name = f"tokens_step{step:06d}.parquet"
+        shutil.copy(records / name, d / name)
+    return d
+
+
+def test_wrong_columns_parquet_is_one_line_and_leaves_no_report_folder(tmp_path, capsys):
+    import pandas as pd
+
+    d = tmp_path / "wrong"
+    d.mkdir()
+    pd.DataFrame({"a": [1, 2], "b": [0.5, 0.25]}).to_parquet(d / "tokens_step000001.parquet")
+    assert main([str(d), "--no-progress"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 2
+    assert lines[0].startswith("tip-verl-report: warning: skipping unreadable records file ")
+    assert "tokens_step000001.parquet" in lines[0] and "lacks the columns ['step'" in lines[0]
+    assert lines[1] == (f"tip-verl-report: error: no readable records file in {str(d)!r} (1 skipped, see the "
+                        "warnings above)")
+    assert not (d / "report").exists()
+
+
+def test_truncated_records_file_is_skipped_with_a_warning(records, tmp_path, capsys):
+    d = _copy_records(records, tmp_path / "truncated")
+    bad = d / "tokens_step000004.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])
+    assert main([str(d), "--no-progress"]) == 0  # the report goes on with steps 0..3
+    cap = capsys.readouterr()
+    warning = cap.err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("tip-verl-report: warning: skipping unreadable records file")
+    assert str(bad) in warning[0]
+    assert "4 records files, steps 0..3" in cap.out and "(1 unreadable file(s) skipped)" in cap.out
+    assert_png(d / "report" / "plane_step000003.png")
+    assert main([str(d), "--step", "4", "--out", str(tmp_path / "r4"), "--no-progress"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert "the records file of step 4 cannot be read" in lines[-1] and str(bad) in lines[-1]
+    assert not (tmp_path / "r4").exists()
+
+
+def test_failed_figure_write_removes_the_folders_it_created(records, tmp_path, capsys, monkeypatch):
+    import tip_verl.report as report
+
+    def disk_full(path, *args, **kwargs):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "_text_png", disk_full)
+    out = tmp_path / "new" / "report"
+    assert main([str(records), "--out", str(out), "--no-progress"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "cannot write the figures to" in lines[0] and "No space left on device" in lines[0]
+    assert not (tmp_path / "new").exists()

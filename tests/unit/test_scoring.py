@@ -139,3 +139,68 @@ def test_token_scores_validation():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="divergence contains 1 non-finite values at response positions"):
         token_scores("soft_or", entropy=h, divergence=bad, response_mask=mask)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("row, expected", [
+    ([0.0, 1e-38, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]),  # spread whose reciprocal overflows float32
+    ([0.0, 1e-45, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]),  # the smallest float32 spread
+    ([3e-39, 4e-39, 5e-39, 3e-39], [0.0, 0.5, 1.0, 0.0]),
+    ([-3e38, 3e38, 0.0, 1.5e38], [0.0, 1.0, 0.5, 0.75]),  # spread beyond float32
+    ([3.4e38, -3.4e38, 3.4e38, 3.4e38], [1.0, 0.0, 1.0, 1.0]),
+])
+def test_minmax_is_exact_and_finite_for_tiny_and_huge_spreads(scope, row, expected):
+    x = torch.tensor([row, [1.0, 2.0, 3.0, 5.0]])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    out = minmax_normalize(x, mask, scope)
+    assert bool(torch.isfinite(out).all())
+    if scope == "sequence":
+        assert out[0].tolist() == pytest.approx(expected, abs=1e-6)
+        assert out[1].tolist() == pytest.approx([0.0, 0.25, 0.5, 1.0])  # the ordinary row is unaffected
+    else:  # one min/max over both rows: the batch's ends are 0 and 1, all within [0, 1]
+        assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    # masked garbage at the extremes of float32 is ignored
+    x_garbage = x.clone()
+    x_garbage[1, 3] = -3.4e38
+    mask_g = mask.clone()
+    mask_g[1, 3] = False
+    out_g = minmax_normalize(x_garbage, mask_g, scope)
+    assert bool(torch.isfinite(out_g).all()) and out_g[1, 3].item() == 0.0
+
+
+def test_soft_or_scores_of_a_near_deterministic_student_are_finite():
+    h = torch.tensor([[0.0, 1e-39, 0.0, 0.0]])  # ~1e-38 nats / log|V|: the confident student
+    d = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for method in ("soft_or", "q3"):
+        s = token_scores(method, entropy=h, divergence=d, response_mask=mask)
+        assert bool(torch.isfinite(s).all())
+    assert token_scores("soft_or", entropy=h, divergence=d, response_mask=mask)[0, 1].item() == 1.0
+
+
+def test_minmax_ordinary_inputs_take_the_float32_path_unchanged():
+    _, mask, h, _, _ = _batch(11, 4, 30)
+    for scope in ("batch", "sequence"):
+        out = minmax_normalize(h, mask, scope)
+        fm = mask.float()
+        if scope == "batch":
+            lo, hi = h[mask].min(), h[mask].max()
+        else:
+            lo = torch.where(mask, h, float("inf")).amin(1, keepdim=True)
+            hi = torch.where(mask, h, float("-inf")).amax(1, keepdim=True)
+        expected = ((h - lo) * (1.0 / (hi - lo))).clamp(0, 1) * fm
+        assert torch.equal(out, expected)
+
+
+def test_token_scores_generator_must_be_a_generator():
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        token_scores("random", response_mask=mask, generator=1)
+
+
+def test_float_mask_with_nan_raises_naming_the_mask():
+    x = torch.rand(2, 3)
+    mask = torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="response_mask contains 1 NaN/inf values"):
+        minmax_normalize(x, mask)
+    assert minmax_normalize(x, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])).shape == (2, 3)

@@ -287,3 +287,13 @@ def test_masked_positions_never_win_even_with_extreme_scores(scale):
         for scope in ("sequence", "batch"):
             keep = select_tokens(s, mask, 0.5, scope=scope, invert=invert)
             assert keep.tolist() == ref.select(scores.tolist(), mask.tolist(), 0.5, scope, invert)
+
+
+def test_numpy_ratio_is_accepted_and_generator_is_checked():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    scores, mask = torch.rand(3, 10, generator=g), torch.ones(3, 10, dtype=torch.bool)
+    assert torch.equal(select_tokens(scores, mask, np.float32(0.5)), select_tokens(scores, mask, 0.5))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        sample_tokens(scores, mask, 0.5, generator=1, mode="poisson")

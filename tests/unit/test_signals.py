@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -207,6 +208,96 @@ def test_topk_validation():
     assert bool(torch.isfinite(rev).all()) and rev[1, 2].item() == 0.0
 
 
+def _topk_case(k=4, vocab=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s_logits, t_logits = _random_dists(2, 3, vocab, g)
+    t_lp, ids = torch.log_softmax(t_logits, -1).topk(k, dim=-1)
+    s_lp = torch.log_softmax(s_logits, -1).gather(-1, ids)
+    return t_lp, ids, s_lp, torch.ones(2, 3, dtype=torch.bool)
+
+
+def test_topk_rejects_k0_duplicated_out_of_range_ids_and_positive_logprobs():
+    t_lp, ids, s_lp, mask = _topk_case()
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs has shape \(2, 3, 0\): k=0 top-k entries per "
+                                         r"token; k must be >= 1"):
+        topk_divergences(t_lp[..., :0], ids[..., :0], s_lp[..., :0], mask)
+    dup = ids.clone()
+    dup[1, 2, 3] = dup[1, 2, 0]
+    with pytest.raises(ValueError, match="teacher_topk_ids repeats an id within the top-k at 1 response positions"):
+        topk_divergences(t_lp, dup, s_lp, mask)
+    far = ids.clone()
+    far[0, 1, 2] = 10
+    with pytest.raises(ValueError, match=r"teacher_topk_ids has 1 ids outside \[0, vocab_size=10\) at response"):
+        topk_divergences(t_lp, far, s_lp, mask, vocab_size=10)
+    topk_divergences(t_lp, far, s_lp, mask)  # without a vocab size only negative ids are out of range
+    far[0, 1, 2] = -1
+    with pytest.raises(ValueError, match="teacher_topk_ids has 1 ids below 0 at response positions"):
+        topk_divergences(t_lp, far, s_lp, mask)
+    with pytest.raises(ValueError, match=r"vocab_size=1 is invalid: must be an int >= 2"):
+        topk_divergences(t_lp, ids, s_lp, mask, vocab_size=1)
+    pos = s_lp.clone()
+    pos[0, 0, 1] = 0.5
+    with pytest.raises(ValueError, match=r"student_logprobs_at_ids has 1 log-probabilities above 0 at response "
+                                         r"positions \(max 0.5\); log-probs must be <= 0"):
+        topk_divergences(t_lp, ids, pos, mask)
+    # rounding above 0 is tolerated; everything above is ignored at masked positions
+    near = t_lp.clone()
+    near[..., 0] = 1e-6
+    near[..., 1:] = -30.0
+    topk_divergences(near, ids, s_lp, mask)
+    # duplicated / out-of-range ids and positive log-probs at masked positions are ignored
+    m = torch.tensor([[False, True, True], [True, True, False]])
+    garbage_ids = dup.clone()
+    garbage_ids[0, 0, 0] = 99
+    garbage_s = s_lp.clone()
+    garbage_s[0, 0, 1] = 0.5
+    garbage_s[1, 2] = 3.0
+    rev, _ = topk_divergences(t_lp, garbage_ids, garbage_s, m, vocab_size=np.int64(10))
+    assert rev[0, 0].item() == 0.0 and rev[1, 2].item() == 0.0 and bool(torch.isfinite(rev).all())
+
+
+def test_topk_rejects_top_k_mass_above_one():
+    t_lp, ids, s_lp, mask = _topk_case()
+    twice = t_lp + math.log(2.0)  # unnormalised: twice the mass (still <= 0 for these draws)
+    twice = twice.clamp_max(0.0)
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs: the top-k probabilities sum to more than 1 at "
+                                         r"\d+ response positions"):
+        topk_divergences(twice, None, s_lp, mask)
+
+
+def test_topk_neg_inf_is_probability_zero_when_both_sides_agree():
+    t_lp, ids, s_lp, mask = _topk_case(k=5)
+    t0, s0 = t_lp.clone(), s_lp.clone()
+    t0[0, 1, 4] = s0[0, 1, 4] = float("-inf")
+    rev, fwd = topk_divergences(t0, ids, s0, mask)
+    assert bool(torch.isfinite(rev).all()) and bool(torch.isfinite(fwd).all())
+    # the same as the top-4 without that entry: probability 0 adds nothing, the tails are unchanged
+    r4, f4 = topk_divergences(t0[0:1, 1:2, :4], ids[0:1, 1:2, :4], s0[0:1, 1:2, :4], mask[0:1, 1:2])
+    assert rev[0, 1].item() == pytest.approx(r4.item(), rel=1e-6)
+    assert fwd[0, 1].item() == pytest.approx(f4.item(), rel=1e-6)
+    # masked -inf and NaN garbage is ignored
+    m = mask.clone()
+    m[1, 0] = False
+    t_g = t0.clone()
+    t_g[1, 0] = float("-inf")
+    rev_g, _ = topk_divergences(t_g, ids, s0, m)
+    assert rev_g[1, 0].item() == 0.0 and torch.equal(rev_g[0], rev[0])
+
+
+def test_topk_neg_inf_on_one_side_only_makes_a_kl_infinite_and_raises():
+    t_lp, ids, s_lp, mask = _topk_case()
+    t0 = t_lp.clone()
+    t0[1, 1, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs is -inf \(probability 0\) at 1 entries where "
+                                         r"student_logprobs_at_ids is not: KL\(S\|\|T\) would be infinite"):
+        topk_divergences(t0, ids, s_lp, mask)
+    s0 = s_lp.clone()
+    s0[0, 2, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"student_logprobs_at_ids is -inf \(probability 0\) at 1 entries where "
+                                         r"teacher_topk_logprobs is not: KL\(T\|\|S\) would be infinite"):
+        topk_divergences(t_lp, ids, s0, mask)
+
+
 # ------------------------------------------------------------------ full-logits divergences
 
 def test_full_logits_divergences_match_categorical_kl_and_chunking():
@@ -272,3 +363,36 @@ def test_full_logits_validation():
         full_logits_divergences(s, s[:, :5])
     with pytest.raises(ValueError, match="leading shape"):
         full_logits_divergences(s, s, torch.ones(3, dtype=torch.bool))
+
+
+def test_full_logits_neg_inf_on_one_side_only_raises_like_topk():
+    s = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, float("-inf")]])
+    t = torch.tensor([[0.5, 0.0, float("-inf")], [0.5, 0.0, 2.0]])
+    with pytest.raises(ValueError, match=r"teacher_logits is -inf \(probability 0\) at 1 entries where "
+                                         r"student_logits is not: KL\(S\|\|T\) would be infinite"):
+        full_logits_divergences(s, t)
+    with pytest.raises(ValueError, match=r"student_logits is -inf \(probability 0\) at 1 entries where "
+                                         r"teacher_logits is not: KL\(T\|\|S\) would be infinite"):
+        full_logits_divergences(s[1:], t[1:])
+    rev, fwd, _ = full_logits_divergences(s, t, torch.tensor([False, False]))  # masked rows: ignored
+    assert rev.tolist() == [0.0, 0.0]
+
+
+def test_full_logits_and_topk_agree_on_a_shared_zero():
+    """-inf on both sides at the same token: both paths give the same finite KLs."""
+    s = torch.tensor([[[0.0, 1.0, float("-inf"), -0.5]]])
+    t = torch.tensor([[[0.5, 0.0, float("-inf"), 0.3]]])
+    rev, fwd, _ = full_logits_divergences(s, t)
+    ids = torch.arange(4).reshape(1, 1, 4)
+    r_k, f_k = topk_divergences(torch.log_softmax(t, -1), ids, torch.log_softmax(s, -1), torch.ones(1, 1))
+    assert bool(torch.isfinite(rev).all()) and rev.item() == pytest.approx(r_k.item(), rel=1e-5, abs=1e-7)
+    assert fwd.item() == pytest.approx(f_k.item(), rel=1e-5, abs=1e-7)
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    e = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(normalized_entropy(e, np.int64(50)), normalized_entropy(e, 50))
+    s = torch.randn(3, 5)
+    assert torch.equal(full_logits_divergences(s, s, chunk_size=np.int32(2))[0], torch.zeros(3))
+    with pytest.raises(ValueError, match="vocab_size=2.5 is invalid"):
+        normalized_entropy(e, 2.5)

@@ -113,3 +113,14 @@ def test_quadrant_stats_ignores_masked_codes_and_validates():
         quadrant_stats(torch.tensor([[-1, 300, 2]]), torch.rand(1, 3), mask)
     with pytest.raises(ValueError, match="integer"):
         quadrant_stats(q.float(), torch.rand(1, 3), mask)
+
+
+def test_numpy_thresholds_are_accepted():
+    import numpy as np
+
+    h, d = torch.tensor([[0.1, 0.9]]), torch.tensor([[0.2, 0.8]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert torch.equal(classify_quadrants(h, d, mask, entropy_threshold=np.float32(0.5), threshold_mode="absolute",
+                                          divergence_threshold=np.float64(0.5)),
+                       classify_quadrants(h, d, mask, entropy_threshold=0.5, divergence_threshold=0.5,
+                                          threshold_mode="absolute"))

@@ -2,6 +2,9 @@
 
     python -m tip_verl.assets --out DIR [--seed N] [--force]
     tip-verl-build-assets --out DIR
+
+A file-system error (an unwritable or occupied ``--out``, a full disk) prints one
+``tip-verl-build-assets: error: ...`` line to stderr and exits with code 2.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import sys
 from typing import Optional, Sequence
 
 
+PROG = "tip-verl-build-assets"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tip-verl-build-assets",
+        prog=PROG,
         description="Build the tiny tokenizer, addition task, student and teacher used by tip_verl's tests and CPU demo.",
     )
     from . import DEFAULT_ASSETS_DIR
@@ -31,17 +37,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from . import _build_assets
+    from . import _build_assets, resolve_out_dir
 
     args = _parser().parse_args(argv)
-    paths = _build_assets(
-        args.out,
-        seed=args.seed,
-        force=args.force,
-        quiet=args.quiet,
-        student_steps=args.student_steps,
-        teacher_steps=args.teacher_steps,
-    )
+    try:
+        paths = _build_assets(
+            args.out,
+            seed=args.seed,
+            force=args.force,
+            quiet=args.quiet,
+            student_steps=args.student_steps,
+            teacher_steps=args.teacher_steps,
+        )
+    except OSError as exc:  # includes FileExistsError for an --out that is not an asset build
+        print(f"{PROG}: error: cannot build the assets in {resolve_out_dir(args.out)}: {exc}", file=sys.stderr)
+        return 2
     manifest = json.loads(paths.manifest.read_text())
     acc = manifest["accuracy"]
     if args.json:

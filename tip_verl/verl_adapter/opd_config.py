@@ -21,6 +21,7 @@ import os
 from typing import Any, Mapping
 
 from tip_verl.config import TIPConfig
+from tip_verl.records import check_writable_dir
 
 TRAINER_MODE = "tip_sync"
 ADV_ESTIMATOR = "tip_opd"
@@ -81,9 +82,6 @@ class TIPRunConfig:
         if node.get("records_dir") is not None:
             run["records_dir"] = os.path.expanduser(str(node.pop("records_dir")))
         node.pop("records_dir", None)
-        # method=all keeps every token: let it stand alone without also asking for ratio=1.
-        if node.get("method") == "all" and "ratio" not in node:
-            node["ratio"] = 1.0
         try:
             selection = TIPConfig.from_dict(node)
         except ValueError as e:
@@ -161,6 +159,10 @@ class TIPRunConfig:
         if signal == "topk":
             run["topk_k"] = int(server["topk"])
         return run
+
+    def records_path(self, default_local_dir: str) -> str:
+        """Where the token records go: ``+tip.records_dir``, else ``<trainer.default_local_dir>/tip_records``."""
+        return self.records_dir or os.path.join(str(default_local_dir), "tip_records")
 
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "selection"}
@@ -242,6 +244,16 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
             "so the ref cannot be a separate teacher. Disable LoRA for OPD with TIP."
         )
     run = TIPRunConfig.from_mapping(_get(config, "tip"), teacher_server=server)
+    default_local_dir = _get(config, "trainer.default_local_dir")
+    if run.records_every > 0 and (run.records_dir or default_local_dir):
+        records_dir = run.records_path(default_local_dir)
+        try:
+            check_writable_dir(records_dir)
+        except ValueError as e:
+            flag = ("+tip.records_dir" if run.records_dir else
+                    "+tip.records_dir (default <trainer.default_local_dir>/tip_records)")
+            raise TIPConfigError(f"{flag}={records_dir}: {e}; the token records (+tip.records_every="
+                                 f"{run.records_every}) need a writable folder.") from None
     if run.teacher_signal == "topk":
         if bool(_get(config, "actor_rollout_ref.model.use_fused_kernels", False)):
             raise TIPConfigError(

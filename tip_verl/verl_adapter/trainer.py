@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import ray
 import torch
@@ -83,7 +82,7 @@ class TIPTrainerMixin:
             if self.tip.teacher_source == "ref":
                 config.actor_rollout_ref[TEACHER_PATH_KEY] = self.tip.teacher_path
         super().__init__(config)
-        records_dir = self.tip.records_dir or os.path.join(config.trainer.default_local_dir, "tip_records")
+        records_dir = self.tip.records_path(config.trainer.default_local_dir)
         self.tip_records = TokenRecordWriter(records_dir, every_n_steps=self.tip.records_every,
                                              max_rows_per_step=self.tip.records_max_rows, seed=self.tip.selection.seed)
         if self.tip.teacher_source == "ref":
