@@ -11,7 +11,9 @@ from tests.e2e.test_cpu_trainer import run_example, summary_of
 @pytest.mark.slow
 def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
     out, steps, wall = run_example(
-        "run_tiny_opd.sh", ["trainer.total_training_steps=3", "+tip.records_every=2", "+tip.records_max_rows=64"],
+        # one pass over each batch (the recipe makes two), so the logged loss is the step's own (Eq. 7)
+        "run_tiny_opd.sh", ["trainer.total_training_steps=3", "actor_rollout_ref.actor.ppo_epochs=1",
+                            "+tip.records_every=2", "+tip.records_max_rows=64"],
         tiny_assets, tmp_path,
     )
     # step 0: verl's validation before training; 1-3: training, validated again after step 3

@@ -1,10 +1,16 @@
 """End to end: scripts/toy_study.py runs OPD with TIP through verl's real trainer, writes its tables and plot,
 and the method still teaches the student (the project's value regression test).
 
-One seed, three methods through the real ``main_ppo`` (all three at once): all tokens, Soft-OR top 50% and the
-Soft-OR bottom-50% control, each from the same student with the same seed and budget. The thresholds sit well
-below what the committed study measured (docs/toy_study.md) and well above what a broken method gives: an
-inverted keep-mask or a loss of the wrong sign leaves the student where it was or makes it worse.
+One seed, three methods through the real ``main_ppo`` (two at a time): all tokens, Soft-OR top 50% and the
+Soft-OR bottom-50% control, each from the same student with the same seed and budget (about 10 minutes).
+
+Runs of one seed share their validation before training and their step-1 rollouts exactly, but not their
+end: float-rounding differences (~1e-8, from the order in which a prompt's samples come back) grow over 60
+steps, and two runs of the all-token setting with seed 1 ended at +0.221 and +0.057. The thresholds are set
+for that spread: a small accuracy gain, plus the exact reverse KL to the teacher falling over training (a
+steadier signal), and a large gap to the bottom-50% control, which wrecks the student. A broken method fails
+them: an inverted keep-mask leaves method ``all`` nothing to train on, a loss of the wrong sign drives the
+student away from the teacher.
 """
 
 import csv
@@ -18,11 +24,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Minimum accuracy gains (verl validation mean@4 at T=1 on the 128 test prompts) after the study's budget.
-MIN_GAIN_ALL = 0.10
-MIN_GAIN_SOFT_OR_50 = 0.10
-# Soft-OR top 50% must beat its bottom-50% control by at least this much (paper, Table 5 / claim (d)).
-MIN_TOP_OVER_BOTTOM = 0.06
+# Measured by the committed study (docs/toy_study/runs/): all-token gains +0.195 / +0.057 / ... (seeds 0, 1, 2),
+# Soft-OR top 50% +0.109 / ..., Soft-OR bottom 50% -0.230 (seed 0); reverse KL over the last 10 steps at
+# 0.64-0.80 of the first 10 for every top rule, 2.5x higher for the bottom control.
+MIN_GAIN = 0.03  # all tokens and Soft-OR top 50%: validation accuracy after - before (mean@4, T=1)
+MAX_KL_RATIO = 0.9  # ... and their reverse KL, mean of the last 10 steps / mean of the first 10
+MIN_TOP_OVER_BOTTOM = 0.15  # Soft-OR top 50% gain - bottom 50% gain (the paper's claim (d))
 
 
 def _study(tmp_path, args, timeout):
@@ -36,7 +43,7 @@ def _study(tmp_path, args, timeout):
 @pytest.mark.slow
 def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.setenv("ASSETS_DIR", str(tiny_assets.root))
-    proc = _study(tmp_path, ["--methods", "all,soft_or_50,soft_or_bottom_50", "--seeds", "0", "--parallel", "3"],
+    proc = _study(tmp_path, ["--methods", "all,soft_or_50,soft_or_bottom_50", "--seeds", "0", "--parallel", "2"],
                   timeout=1500)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-6000:]
@@ -58,9 +65,15 @@ def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
     assert float(rows["all"]["kept_fraction_mean"]) == pytest.approx(1.0)
     for m in ("soft_or_50", "soft_or_bottom_50"):
         assert 0.45 <= float(rows[m]["kept_fraction_mean"]) <= 0.5, (m, rows[m]["kept_fraction_mean"])
-    summary = f"gains {gain}, before {before['all']:.3f}"
-    assert gain["all"] >= MIN_GAIN_ALL, summary
-    assert gain["soft_or_50"] >= MIN_GAIN_SOFT_OR_50, summary
+    kl_ratio = {}
+    for m in rows:
+        raw = json.loads((out / "runs" / f"{m}_seed0.json").read_text())
+        kl = [raw["steps"][str(s)]["tip/topk_reverse_kl_mean"] for s in range(1, 61)]
+        kl_ratio[m] = (sum(kl[-10:]) / 10) / (sum(kl[:10]) / 10)
+    summary = f"gains {gain}, reverse-KL last/first {kl_ratio}, before {before['all']:.3f}"
+    for m in ("all", "soft_or_50"):
+        assert gain[m] >= MIN_GAIN, summary
+        assert kl_ratio[m] <= MAX_KL_RATIO, summary
     assert gain["soft_or_50"] - gain["soft_or_bottom_50"] >= MIN_TOP_OVER_BOTTOM, summary
 
     md = (out / "results.md").read_text()
