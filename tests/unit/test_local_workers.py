@@ -21,7 +21,10 @@ PROMPTS = ["What is 12 + 7?", "What is 305 + 41?", "What is 9 + 9?", "What is 10
 def workers(tiny_assets):
     from tip_verl.verl_adapter.local_workers import build_local_workers
 
-    w = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher))
+    # a small lr: a fresh AdamW step moves every weight by ~lr, and at the harness default (1e-3) one such step
+    # knocks the half-trained student far from where the first-order effect of the advantages shows
+    w = build_local_workers(str(tiny_assets.student), ref_model_path=str(tiny_assets.teacher),
+                            overrides=["actor_rollout_ref.actor.optim.lr=1e-5"])
     yield w
     w.close()
 
