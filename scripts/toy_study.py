@@ -8,7 +8,7 @@ and the same step budget for every method. verl's own validation measures the st
 before training (``trainer.val_before_train=True``) and after the last step as the mean over
 ``--val-n`` samples per test prompt at temperature 1 (``val-core/tip_tiny_addition/acc/mean@N``).
 Tokens trained on = the sum over steps of ``tip/kept_count`` (kept response tokens of the step's
-batch; with one PPO epoch every kept token enters exactly one gradient step).
+batch; the recipe makes two passes over each batch, so every kept token enters two gradient steps).
 
 Outputs (``--out``): ``results.csv``, ``results.md`` (one row per method: mean, 95% interval),
 ``toy_study.png`` (accuracy before and after training; tokens trained on), ``runs/*.json`` (raw
@@ -103,8 +103,8 @@ def parse_args(argv=None):
                    "data.seed (data order), actor_rollout_ref.rollout.seed and +tip.seed")
     p.add_argument("--steps", type=int, default=60, help="training steps per run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16,
-                   help="prompts per step (data.train_batch_size = ppo_mini_batch_size: one on-policy update "
-                        "per step; default: %(default)s)")
+                   help="prompts per step (data.train_batch_size = ppo_mini_batch_size: the whole batch in each "
+                        "of the recipe's passes; default: %(default)s)")
     p.add_argument("--rollout-n", type=int, default=4, help="responses per prompt (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4, help="actor learning rate (default: %(default)s)")
     p.add_argument("--val-n", type=int, default=4,
@@ -245,7 +245,7 @@ def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
     }
 
 
-def test_prompt_count(log_text: str) -> int | None:
+def n_test_prompts(log_text: str) -> int | None:
     """Number of test prompts of the assets the run used (read from their manifest)."""
     m = ASSETS_LINE.search(log_text)
     try:
@@ -300,7 +300,7 @@ def launch(a, spec: MethodSpec, seed: int) -> dict:
     steps = parse_console_metrics(text)
     result = extract(steps, a.steps)
     result.update(
-        n_test_prompts=test_prompt_count(text),
+        n_test_prompts=n_test_prompts(text),
         run=rid, method=spec.name, label=spec.label, tip_method=spec.method, ratio=spec.ratio, invert=spec.invert,
         seed=seed, wall_s=wall, log=str(log), settings=study_settings(a), overrides=overrides, source=source_info(),
         steps={str(s): {k: v for k, v in m.items() if KEEP_KEYS.match(k)} for s, m in sorted(steps.items())},

@@ -16,13 +16,19 @@ _OTHER_SPECIALS = ("<|im_start|>",)
 _WHITESPACE = re.compile(r"\s+")
 
 
-def normalize(text) -> str:
-    """Cut at the first stop token, drop other special tokens and all whitespace."""
+def _cut_at_stop(text) -> str:
+    """The text before the first stop token."""
     text = "" if text is None else str(text)
     for stop in _STOP_TOKENS:
         pos = text.find(stop)
         if pos >= 0:
             text = text[:pos]
+    return text
+
+
+def normalize(text) -> str:
+    """Cut at the first stop token, drop other special tokens and all whitespace."""
+    text = _cut_at_stop(text)
     for special in _OTHER_SPECIALS:
         text = text.replace(special, "")
     return _WHITESPACE.sub("", text)
@@ -30,12 +36,7 @@ def normalize(text) -> str:
 
 def final_answer(text) -> str:
     """The last non-empty line of a response (cut at the first stop token), without whitespace."""
-    text = "" if text is None else str(text)
-    for stop in _STOP_TOKENS:
-        pos = text.find(stop)
-        if pos >= 0:
-            text = text[:pos]
-    lines = [line for line in (normalize(part) for part in text.splitlines()) if line]
+    lines = [line for line in (normalize(part) for part in _cut_at_stop(text).splitlines()) if line]
     return lines[-1] if lines else ""
 
 
