@@ -6,11 +6,13 @@ Soft-OR bottom-50% control, each from the same student with the same seed and bu
 
 Runs of one seed share their validation before training and their step-1 rollouts exactly, but not their
 end: float-rounding differences (~1e-8, from the order in which a prompt's samples come back) grow over 60
-steps, and two runs of the all-token setting with seed 1 ended at +0.221 and +0.057. The thresholds are set
-for that spread: a small accuracy gain, plus the exact reverse KL to the teacher falling over training (a
-steadier signal), and a large gap to the bottom-50% control, which wrecks the student. A broken method fails
-them: an inverted keep-mask leaves method ``all`` nothing to train on, a loss of the wrong sign drives the
-student away from the teacher.
+steps. In the committed study the final validation gain of one rule varies a lot between seeds (Soft-OR 50%:
++0.109, +0.117, +0.008; all tokens +0.195, +0.057, +0.098), while the trends over training are steady. The
+test therefore asserts those trends: the exact reverse KL to the teacher falls (last 10 steps vs first 10),
+the training reward rises, the validation accuracy of the two rules does not fall on average, and Soft-OR
+top 50% beats the bottom-50% control (which wrecks the student) by a wide margin. A broken method fails:
+an inverted keep-mask trains method ``all`` on nothing and swaps top and bottom, a loss of the wrong sign
+drives the student away from the teacher.
 """
 
 import csv
@@ -24,11 +26,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Measured by the committed study (docs/toy_study/runs/): all-token gains +0.195 / +0.057 / ... (seeds 0, 1, 2),
-# Soft-OR top 50% +0.109 / ..., Soft-OR bottom 50% -0.230 (seed 0); reverse KL over the last 10 steps at
-# 0.64-0.80 of the first 10 for every top rule, 2.5x higher for the bottom control.
-MIN_GAIN = 0.03  # all tokens and Soft-OR top 50%: validation accuracy after - before (mean@4, T=1)
-MAX_KL_RATIO = 0.9  # ... and their reverse KL, mean of the last 10 steps / mean of the first 10
+# The committed study (docs/toy_study/runs/, 3 seeds) measured, for all tokens and Soft-OR top 50%: reverse KL
+# last/first 10 steps 0.64-0.82, training reward last - first 10 steps +0.044 to +0.158, validation gain of the
+# two rules' mean +0.05 to +0.15; Soft-OR top - bottom 50% validation gain +0.34 / +0.35.
+MAX_KL_RATIO = 0.9  # all tokens and Soft-OR top 50%: mean reverse KL of the last 10 steps / of the first 10
+MIN_REWARD_RISE = 0.02  # ... and their training reward (critic/score/mean), last 10 steps - first 10
+MIN_MEAN_GAIN = 0.0  # mean validation gain (after - before, mean@4 at T=1) of the two rules
 MIN_TOP_OVER_BOTTOM = 0.15  # Soft-OR top 50% gain - bottom 50% gain (the paper's claim (d))
 
 
@@ -65,15 +68,18 @@ def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
     assert float(rows["all"]["kept_fraction_mean"]) == pytest.approx(1.0)
     for m in ("soft_or_50", "soft_or_bottom_50"):
         assert 0.45 <= float(rows[m]["kept_fraction_mean"]) <= 0.5, (m, rows[m]["kept_fraction_mean"])
-    kl_ratio = {}
+    kl_ratio, reward_rise = {}, {}
     for m in rows:
-        raw = json.loads((out / "runs" / f"{m}_seed0.json").read_text())
-        kl = [raw["steps"][str(s)]["tip/topk_reverse_kl_mean"] for s in range(1, 61)]
-        kl_ratio[m] = (sum(kl[-10:]) / 10) / (sum(kl[:10]) / 10)
-    summary = f"gains {gain}, reverse-KL last/first {kl_ratio}, before {before['all']:.3f}"
+        steps = json.loads((out / "runs" / f"{m}_seed0.json").read_text())["steps"]
+        kl = [steps[str(s)]["tip/topk_reverse_kl_mean"] for s in range(1, 61)]
+        reward = [steps[str(s)]["critic/score/mean"] for s in range(1, 61)]
+        kl_ratio[m] = sum(kl[-10:]) / sum(kl[:10])
+        reward_rise[m] = (sum(reward[-10:]) - sum(reward[:10])) / 10
+    summary = f"gains {gain}, reverse-KL last/first {kl_ratio}, reward rise {reward_rise}, before {before['all']:.3f}"
     for m in ("all", "soft_or_50"):
-        assert gain[m] >= MIN_GAIN, summary
         assert kl_ratio[m] <= MAX_KL_RATIO, summary
+        assert reward_rise[m] >= MIN_REWARD_RISE, summary
+    assert (gain["all"] + gain["soft_or_50"]) / 2 >= MIN_MEAN_GAIN, summary
     assert gain["soft_or_50"] - gain["soft_or_bottom_50"] >= MIN_TOP_OVER_BOTTOM, summary
 
     md = (out / "results.md").read_text()
