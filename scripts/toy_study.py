@@ -47,11 +47,10 @@ if str(REPO) not in sys.path:  # run as `python scripts/toy_study.py` without in
     sys.path.insert(0, str(REPO))
 
 from tip_verl.config import METHODS  # noqa: E402  (pure python, no verl import)
-from tip_verl.verl_adapter.console_metrics import parse_console_metrics  # noqa: E402
+from tip_verl.verl_adapter.console_metrics import parse_console_metrics, validation_accuracy  # noqa: E402
 
 DEFAULT_METHODS = ("all", "entropy_50", "entropy_20", "entropy_sample_50", "soft_or_50", "soft_or_20", "q3_20",
                    "soft_or_bottom_50")
-VAL_ACC = re.compile(r"^val-core/[^/]+/acc/mean@(\d+)$")
 # Per-step metrics kept in the raw per-run JSON (the console lines hold ~100 keys per step).
 KEEP_KEYS = re.compile(r"^(tip/|val-core/|actor/(pg_loss|tip_topk_reverse_kl_loss|grad_norm|entropy|lr)$|"
                        r"actor/perf/max_memory_allocated_gb$|critic/score/mean$|"
@@ -208,19 +207,15 @@ def _tail(path: Path, n: int = 25) -> str:
 
 def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
     """Accuracy before/after, tokens trained on and summaries from verl's console metrics."""
-    def val_acc(m):
-        hits = [(k, v) for k, v in m.items() if VAL_ACC.match(k)]
-        return (hits[0][1], hits[0][0]) if len(hits) == 1 else (None, None)
-
     if 0 not in steps:
         raise RunFailed("no step-0 line (validation before training) in the log")
     missing = [s for s in range(1, n_steps + 1) if s not in steps]
     if missing:
         raise RunFailed(f"no metrics for training step(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    before, key = val_acc(steps[0])
-    after, key_after = val_acc(steps[n_steps])
+    before, after = validation_accuracy(steps[0]), validation_accuracy(steps[n_steps])
     if before is None or after is None:
-        raise RunFailed(f"no val-core/*/acc/mean@N metric before ({key}) or after ({key_after}) training")
+        raise RunFailed(f"no single val-core/*/acc/mean@N metric before ({before}) or after ({after}) training")
+    (key, before), (_, after) = before, after
     train = [steps[s] for s in range(1, n_steps + 1)]
     for s, m in enumerate(train, 1):
         if "tip/kept_count" not in m or "tip/valid_count" not in m:
