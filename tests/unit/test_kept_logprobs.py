@@ -1,0 +1,184 @@
+"""tip_verl.kept_logprobs: chunked lm_head + log-probs/entropy against full logits -> log_softmax -> gather."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tip_verl.kept_logprobs import default_chunk_rows, kept_logprobs
+
+H, V = 48, 997  # V prime: no accidental alignment with chunk sizes
+
+
+def _reference(hidden, weight, bias, labels, temperature, with_entropy):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.unsqueeze(-1)
+    elif temperature is not None:
+        logits = logits / float(temperature)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, ent
+
+
+def _leaves(K, seed, dtype=torch.float32, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(K, H, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).to(dtype).requires_grad_(True)
+    bias = (torch.randn(V, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(True) if with_bias else None
+    labels = torch.randint(0, V, (K,), generator=g)
+    return hidden, weight, bias, labels
+
+
+def _loss(logp, ent, seed):
+    """A loss with a different weight per row, so per-row gradient mistakes cannot cancel."""
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(logp.shape[0], generator=g, dtype=torch.float64).to(logp.dtype)
+    loss = (w * logp).sum()
+    if ent is not None:
+        loss = loss + (torch.randn(ent.shape[0], generator=g, dtype=torch.float64).to(ent.dtype) * ent).sum()
+    return loss
+
+
+def _run(fn, K, seed, temperature, with_entropy, with_bias, dtype, **kw):
+    hidden, weight, bias, labels = _leaves(K, seed, dtype=dtype, with_bias=with_bias)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(dtype)
+    logp, ent = fn(hidden, weight, bias, labels, temperature, with_entropy, **kw)
+    loss = _loss(logp, ent, seed)
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), logp.detach(), (None if ent is None else ent.detach()), grads
+
+
+def _chunked(hidden, weight, bias, labels, temperature, with_entropy, chunk_rows):
+    return kept_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                         return_entropy=with_entropy, chunk_rows=chunk_rows)
+
+
+CASES = {
+    # name: (K, chunk_rows, temperature, entropy, bias)
+    "300_rows_5_chunks_ragged_tail": (300, 64, None, False, True),
+    "300_rows_entropy_temperature": (300, 64, 0.7, True, True),
+    "257_rows_per_row_temperature": (257, 32, "per_row", True, True),
+    "no_bias_temperature_1.3": (200, 48, 1.3, False, False),
+    "K_equals_1": (1, 64, None, True, True),
+    "K_equals_chunk": (64, 64, None, True, True),
+    "K_one_more_than_chunk": (65, 64, 0.5, True, True),
+    "chunk_of_one_row": (17, 1, None, True, True),
+    "one_chunk_for_all": (300, 1000, None, True, True),
+}
+
+
+#: float64: the math is the reference's up to rounding; float32: what training uses (the reference
+#: sums a gradient over all K rows at once, the chunked path chunk by chunk, so the last bits differ)
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_full_logits_reference(name, dtype):
+    K, chunk, temperature, with_entropy, with_bias = CASES[name]
+    if temperature == "per_row":
+        temperature = torch.rand(K, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    ref = _run(_reference, K, 7, temperature, with_entropy, with_bias, dtype)
+    got = _run(_chunked, K, 7, temperature, with_entropy, with_bias, dtype, chunk_rows=chunk)
+    assert K > chunk or name in ("K_equals_1", "K_equals_chunk", "one_chunk_for_all")
+    tol = TOLERANCES[dtype]
+    assert got[1].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    if with_entropy:
+        torch.testing.assert_close(got[2], ref[2], **tol)
+    else:
+        assert got[2] is None
+    assert len(got[3]) == len(ref[3]) == (3 if with_bias else 2)
+    for g_got, g_ref in zip(got[3], ref[3]):
+        assert g_got.shape == g_ref.shape and g_got.dtype == g_ref.dtype
+        scale = float(g_ref.abs().max())
+        assert scale > 0
+        # absolute tolerance relative to the gradient's scale (elements near zero after cancellation)
+        torch.testing.assert_close(g_got, g_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+
+
+def test_float64_gradcheck():
+    """Analytic backward (log-probs + entropy, per-row temperature, bias) against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,), generator=g)
+    temp = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+
+    def f(h, w, b):
+        lp, ent = kept_logprobs(h, w, labels, bias=b, temperature=temp, return_entropy=True, chunk_rows=3)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_entropy_only_and_log_probs_only_gradients():
+    """A loss that reads only one of the two outputs gets exactly that output's gradient."""
+    for which in ("lp", "ent"):
+        hidden, weight, bias, labels = _leaves(90, 5)
+        lp, ent = kept_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, chunk_rows=16)
+        (lp if which == "lp" else ent).sum().backward()
+        got = [hidden.grad, weight.grad, bias.grad]
+        hidden2, weight2, bias2, _ = _leaves(90, 5)
+        lp2, ent2 = _reference(hidden2, weight2, bias2, labels, None, True)
+        (lp2 if which == "lp" else ent2).sum().backward()
+        for a, b in zip(got, [hidden2.grad, weight2.grad, bias2.grad]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_close_to_float32_reference():
+    hidden, weight, bias, labels = _leaves(130, 11, with_bias=False)
+    lp, ent = kept_logprobs(hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_(),
+                            labels, return_entropy=True, chunk_rows=32)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    ref_lp, ref_ent = _reference(hidden, weight, None, labels, None, True)
+    torch.testing.assert_close(lp, ref_lp.detach(), rtol=0.05, atol=0.1)
+    torch.testing.assert_close(ent, ref_ent.detach(), rtol=0.05, atol=0.1)
+
+
+def test_at_most_one_chunk_of_logits_is_alive():
+    """No tensor with V columns and more than chunk_rows rows is ever allocated (forward and backward)."""
+    K, chunk = 400, 50
+    hidden, weight, bias, labels = _leaves(K, 2)
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == V:
+                    seen.append(t.shape[0])
+            return out
+
+    with Spy():
+        lp, ent = kept_logprobs(hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True,
+                                chunk_rows=chunk)
+        (lp.sum() + ent.sum()).backward()
+    assert seen, "the spy saw no logits chunk"
+    assert max(seen) <= chunk
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_no_rows_and_bad_arguments():
+    hidden, weight, bias, labels = _leaves(0, 1)
+    lp, ent = kept_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    assert lp.shape == (0,) and ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
+    h, w, b, y = _leaves(4, 1)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        kept_logprobs(h, w, y, chunk_rows=0)
+    with pytest.raises(ValueError, match="labels"):
+        kept_logprobs(h, w, y[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        kept_logprobs(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        kept_logprobs(h, w, y, temperature=torch.ones(3))
+    assert default_chunk_rows(151_936) == 110
+    assert default_chunk_rows(10) == 64 * 2**20 // 40
