@@ -21,10 +21,18 @@ How (no verl source edit):
   call) that gathers the final hidden states at those positions, so the lm_head (or, on the
   fused-kernel path, ``FusedLinearForPPO`` / ``linear_cross_entropy``, whose labels are gathered
   the same way through ``shift_labels``) sees ``(1, K, hidden)`` instead of all tokens. The hook is
-  removed when the step ends. The log-probs of the kept rows come from verl's
-  ``logprobs_from_logits`` (flash-attn / NPU kernels where verl has them); where verl would fall
-  back to its row-by-row float32 helper, an equivalent function whose backward reuses the logits'
-  storage for their gradient is used, so the kept rows cost one ``(K, vocab)`` tensor, not three.
+  removed when the step ends. By default (non-fused path) the lm_head itself is then run chunked:
+  for that one forward its ``forward`` is replaced by :func:`tip_verl.kept_logprobs.kept_logprobs`,
+  which computes the kept rows' log-probs (and entropy) ``chunk_rows`` rows at a time with a
+  backward that recomputes each chunk, so at most ``chunk_rows x vocab`` logits exist at any time
+  (``TIP_VERL_LM_HEAD_CHUNK_ROWS``: rows per chunk, default 64 MiB of float32 logits; ``0`` turns
+  chunking off). The lm_head module is still called, so FSDP's unshard/reshard hooks run as usual.
+  Without chunking (``TIP_VERL_LM_HEAD_CHUNK_ROWS=0``, the top-k loss, lm_heads that are not a plain
+  ``nn.Linear`` or whose logits the model rescales) the log-probs of the ``(K, vocab)`` kept logits
+  come from verl's ``logprobs_from_logits`` (flash-attn / NPU kernels where verl has them); where
+  verl would fall back to its row-by-row float32 helper, an equivalent function whose backward
+  reuses the logits' storage for their gradient is used, so the kept rows cost one ``(K, vocab)``
+  tensor, not three.
 * :class:`SparseLMHeadTrainingWorker` is verl's ``TrainingWorker`` whose engine, built by verl's
   ``EngineRegistry`` as usual (``engine_workers.py:136``), is upgraded to the sparse variant of
   its own class before it is initialised. The TIP worker sets it as ``actor_worker_cls``; nothing
@@ -72,6 +80,8 @@ from verl.workers.engine.fsdp.transformer_impl import (
 )
 from verl.workers.engine_workers import TrainingWorker
 
+from tip_verl.kept_logprobs import kept_logprobs
+
 from . import topk_signal
 
 logger = logging.getLogger(__name__)
@@ -87,6 +97,10 @@ __all__ = [
 ]
 
 ENV_SWITCH = "TIP_VERL_SPARSE_LM_HEAD"
+#: rows per chunk of the chunked kept-row lm_head; unset = default (64 MiB of float32 logits), 0 = off
+ENV_CHUNK_ROWS = "TIP_VERL_LM_HEAD_CHUNK_ROWS"
+#: config fields of models that rescale / cap the lm_head output (then the chunked path does not apply)
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 _WARNED: set[str] = set()
 
@@ -102,6 +116,13 @@ def _warn_once(reason: str) -> None:
     )
 
 
+def _warn_once_chunk(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    logger.warning("tip_verl sparse lm_head: %s; the kept rows' logits are computed in one block, not chunked.", reason)
+
+
 class _Unsupported(Exception):
     """A micro-batch layout the sparse path does not handle; the message is the fallback reason."""
 
@@ -109,6 +130,20 @@ class _Unsupported(Exception):
 def sparse_enabled_by_env() -> bool:
     """False when ``TIP_VERL_SPARSE_LM_HEAD`` is 0 / false / no / off."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def chunk_rows_from_env() -> Optional[int]:
+    """``TIP_VERL_LM_HEAD_CHUNK_ROWS``: ``None`` (unset: the default chunk), 0 (no chunking) or rows."""
+    raw = os.environ.get(ENV_CHUNK_ROWS, "").strip()
+    if not raw:
+        return None
+    try:
+        rows = int(raw)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise ValueError(f"{ENV_CHUNK_ROWS} must be a non-negative integer (0 = no chunking), got {raw!r}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +269,12 @@ class SparsePlan:
     calculate_entropy: bool
     fired: int = 0
     handle: Any = field(default=None, repr=False)
+    # chunked lm_head (non-fused path): the head whose forward is swapped, rows per chunk, the
+    # kept rows' temperature, and the (1, K, 1 or 2) tensor the swapped forward returned
+    head: Any = field(default=None, repr=False)
+    chunk_rows: Optional[int] = None
+    temperature: Optional[torch.Tensor] = None
+    head_output: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +362,66 @@ class SparseLMHeadMixin:
         if plan.use_fused_kernels:
             # verl's fused forwards take these labels verbatim (dense_common.py: shift_labels).
             model_inputs["shift_labels"] = plan.labels.unsqueeze(0)
+        else:
+            self._tip_plan_chunked_head(micro_batch, output_args, plan)
         plan.handle = decoder.register_forward_hook(self._tip_make_hook(plan))
+        if plan.head is not None:
+            plan.head.forward = self._tip_make_chunked_head_forward(plan)
         return plan
+
+    def _tip_plan_chunked_head(self, micro_batch, output_args: dict, plan: SparsePlan) -> None:
+        """Set ``plan.head`` (and its chunk size / temperature) when the lm_head can run chunked."""
+        chunk_rows = chunk_rows_from_env()
+        if chunk_rows == 0:
+            return
+        if topk_signal.requests(micro_batch).get("loss", False):
+            return  # the top-k reverse KL reads the kept rows' logits
+        model = _hf_model(self.module)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear) or "forward" in vars(head):
+            _warn_once_chunk(f"the lm_head of {type(model).__name__} is not a plain nn.Linear")
+            return
+        hf_config = getattr(model, "config", None)
+        for name in _LOGIT_POSTPROCESSING:
+            value = getattr(hf_config, name, None)
+            if value is not None and value not in (0, 1, 1.0):
+                _warn_once_chunk(f"{type(model).__name__} rescales its logits ({name}={value})")
+                return
+        if not output_args.get("temperature_is_one", False):
+            if plan.use_remove_padding:
+                plan.temperature = output_args["temperature_rmpad"][plan.positions]
+            else:
+                plan.temperature = output_args["temperature"][plan.seq_index]
+        plan.head = head
+        plan.chunk_rows = chunk_rows
+
+    @staticmethod
+    def _tip_make_chunked_head_forward(plan: SparsePlan):
+        head = plan.head
+
+        def chunked_lm_head(hidden: torch.Tensor) -> torch.Tensor:
+            del head.forward  # one call only: later calls of this module are plain nn.Linear again
+            if plan.head_output is not None or not plan.fired:
+                raise RuntimeError("tip_verl sparse lm_head: the lm_head ran before the decoder hook or twice")
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            if hidden.shape[0] != plan.positions.shape[0]:
+                raise RuntimeError(
+                    f"tip_verl sparse lm_head: the lm_head got {hidden.shape[0]} rows for {plan.positions.shape[0]} kept"
+                )
+            weight, bias = head.weight, head.bias
+            if isinstance(weight, DTensor):
+                weight = weight.full_tensor()
+            if isinstance(bias, DTensor):
+                bias = bias.full_tensor()
+            log_probs, entropy = kept_logprobs(
+                hidden, weight, plan.labels, bias=bias, temperature=plan.temperature,
+                return_entropy=plan.calculate_entropy, chunk_rows=plan.chunk_rows,
+            )
+            parts = (log_probs, entropy) if plan.calculate_entropy else (log_probs,)
+            plan.head_output = torch.stack(parts, dim=-1).unsqueeze(0)  # (1, K, 1 or 2)
+            return plan.head_output
+
+        return chunked_lm_head
 
     @staticmethod
     def _tip_make_hook(plan: SparsePlan):
@@ -365,6 +464,8 @@ class SparseLMHeadMixin:
             plan, self._tip_sparse_plan = self._tip_sparse_plan, None
             if plan is not None and plan.handle is not None:
                 plan.handle.remove()
+            if plan is not None and plan.head is not None and "forward" in vars(plan.head):
+                del plan.head.forward
 
     def prepare_model_inputs(self, micro_batch):
         model_inputs, output_args = super().prepare_model_inputs(micro_batch=micro_batch)
@@ -390,6 +491,8 @@ class SparseLMHeadMixin:
         if plan.handle is not None:
             plan.handle.remove()
             plan.handle = None
+        if plan.head is not None and "forward" in vars(plan.head):
+            del plan.head.forward
         if not plan.fired:
             if plan.use_fused_kernels:
                 raise RuntimeError("tip_verl sparse lm_head: the decoder hook did not run on the fused-kernel path")
@@ -409,6 +512,17 @@ class SparseLMHeadMixin:
             log_probs_k = output.log_probs.reshape(-1)
             if plan.calculate_entropy:
                 entropy_k = output.entropy.reshape(-1)
+        elif plan.head is not None:
+            # chunked lm_head: the model returned what the swapped lm_head forward produced; the loss
+            # must read that tensor (FSDP's backward hooks on the lm_head output are attached to it)
+            if plan.head_output is None or output.logits is not plan.head_output:
+                raise RuntimeError(
+                    "tip_verl sparse lm_head: the model post-processed the lm_head output; "
+                    f"set {ENV_CHUNK_ROWS}=0 for this model"
+                )
+            log_probs_k = output.logits[0, :, 0]
+            if plan.calculate_entropy:
+                entropy_k = output.logits[0, :, 1]
         else:
             logits = output.logits
             if isinstance(logits, DTensor):
