@@ -21,7 +21,6 @@ import os
 from typing import Any, Mapping
 
 from tip_verl.config import TIPConfig
-from tip_verl.records import check_writable_dir
 
 TRAINER_MODE = "tip_sync"
 ADV_ESTIMATOR = "tip_opd"
@@ -35,6 +34,17 @@ LOSSES = ("pg", "topk_reverse_kl")
 
 class TIPConfigError(ValueError):
     """A bad or contradictory flag for OPD with TIP; the message names the flag."""
+
+
+def tip_opd_advantage(*args, **kwargs):
+    """verl's advantage estimator ``tip_opd`` (registered by the plugin): a placeholder so the flag validates.
+
+    The TIP trainer computes the advantage itself; reaching this means ``tip_opd`` without ``tip_sync``.
+    """
+    raise TIPConfigError(
+        f"algorithm.adv_estimator={ADV_ESTIMATOR} is computed by the TIP trainer only: "
+        f"also set trainer.v1.trainer_mode={TRAINER_MODE} and +tip.teacher_path=..."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +256,8 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     run = TIPRunConfig.from_mapping(_get(config, "tip"), teacher_server=server)
     default_local_dir = _get(config, "trainer.default_local_dir")
     if run.records_every > 0 and (run.records_dir or default_local_dir):
+        from tip_verl.records import check_writable_dir  # pandas/pyarrow: only when records are on
+
         records_dir = run.records_path(default_local_dir)
         try:
             check_writable_dir(records_dir)

@@ -1,30 +1,57 @@
-"""Entry point of group ``verl.plugins``: verl imports this module on every ``import verl``.
+"""Entry point of group ``verl.plugins`` (``setup.py``): the one place that registers tip_verl with verl.
 
-Keep it tiny. Each line registers one part of tip_verl with verl through verl's extension points;
-each registration decides for itself whether it applies to this process.
+verl imports this module on every ``import verl`` (driver, Ray workers, scripts), so it costs nothing
+there: every registration that needs a heavy verl module waits until verl itself imports that module
+(:func:`~tip_verl.verl_adapter._import_hooks.when_imported`), in the process that uses it.
+
+========================================  =================================  =========================
+what                                      verl registry (module)             when
+========================================  =================================  =========================
+``algorithm.adv_estimator=tip_opd``       ``register_adv_est``               import of
+                                          (``verl.trainer.ppo.core_algos``)  ``core_algos``
+``trainer.v1.trainer_mode=tip_sync``      ``register_trainer``               import of verl's V1
+                                          (``verl.trainer.ppo.v1``)          trainer package
+CPU platform, engines, ``hf`` rollout,    see :mod:`.cpu`                    only with
+patches                                                                      ``VERL_PLATFORM=cpu``
+========================================  =================================  =========================
+
+:func:`register` is re-entrant: calling it again (or after the modules are loaded) registers what is
+missing and nothing twice. verl swallows plugin import errors at debug level, so failures are logged at
+WARNING.
 """
 
-import logging
+from __future__ import annotations
 
-from tip_verl.verl_adapter import cpu as _cpu
+from types import ModuleType
 
+from tip_verl.verl_adapter import cpu
+from tip_verl.verl_adapter._import_hooks import when_imported
 
-def register_trainer_mode() -> None:
-    """Trainer mode ``tip_sync`` + advantage estimator ``tip_opd`` (registered on import of the trainer).
-
-    verl swallows plugin import errors at debug level, so say it loudly here.
-    """
-    try:
-        from tip_verl.verl_adapter import trainer  # noqa: F401
-    except Exception:  # pragma: no cover - only on a broken install
-        logging.getLogger(__name__).warning(
-            "tip_verl: could not register trainer mode tip_sync (OPD with TIP)", exc_info=True
-        )
+ADV_ESTIMATOR_MODULE = "verl.trainer.ppo.core_algos"
+TRAINER_MODULE = "verl.trainer.ppo.v1"
 
 
-# CPU platform + FSDP2 engines + "hf" rollout; a no-op unless VERL_PLATFORM=cpu.
-_cpu.register()
-# The trainer imports verl's engines, which need the platform: when the CPU registration waits for
-# cpu.platform to finish loading, that module registers the trainer afterwards.
-if not _cpu.registration_deferred():
-    register_trainer_mode()
+def _register_adv_estimator(core_algos: ModuleType) -> None:
+    from tip_verl.verl_adapter.opd_config import ADV_ESTIMATOR, tip_opd_advantage
+
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR) is not tip_opd_advantage:
+        core_algos.register_adv_est(ADV_ESTIMATOR)(tip_opd_advantage)
+
+
+def _register_trainer_mode(v1: ModuleType) -> None:
+    from tip_verl.verl_adapter.opd_config import TRAINER_MODE
+    from tip_verl.verl_adapter.trainer import TIPTrainerSync
+
+    v1.register_trainer(TRAINER_MODE)(TIPTrainerSync)  # idempotent for the same class
+
+
+def register() -> None:
+    """Register everything tip_verl adds to verl (idempotent; each part decides whether it applies)."""
+    # CPU platform + FSDP2 engines + "hf" rollout; a no-op unless VERL_PLATFORM=cpu. First: the trainer's
+    # engines resolve the platform when they are built.
+    cpu.register()
+    when_imported(ADV_ESTIMATOR_MODULE, _register_adv_estimator)
+    when_imported(TRAINER_MODULE, _register_trainer_mode)
+
+
+register()

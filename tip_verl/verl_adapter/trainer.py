@@ -24,9 +24,7 @@ from omegaconf import open_dict
 from tensordict import TensorDict
 
 from verl.single_controller.ray import ResourcePoolManager
-from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.utils import Role
-from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
@@ -34,7 +32,7 @@ from tip_verl.records import TokenRecordWriter
 
 from . import topk_signal
 from .opd import opd_step
-from .opd_config import ADV_ESTIMATOR, TRAINER_MODE, TIPConfigError, validate_verl_config
+from .opd_config import TIPConfigError, validate_verl_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +58,8 @@ class TIPTrainerMixin:
     """
 
     def __init__(self, config):
-        # Imported here: this module is imported by the verl.plugins entry point during `import verl`,
-        # and teacher.py imports verl itself.
+        # Imported here: teacher.py imports verl's engine workers, which only a running trainer needs (this
+        # module is imported, to register it, whenever verl's V1 trainer package is).
         from .teacher import LOSS_KEY, TEACHER_PATH_KEY, check_teacher_compatible
 
         self.tip = validate_verl_config(config)
@@ -268,15 +266,10 @@ def _resolved_models(config, tip) -> tuple:
     return student, teachers
 
 
-@register_trainer(TRAINER_MODE)
+
 class TIPTrainerSync(TIPTrainerMixin, PPOTrainerSync):
-    """``trainer.v1.trainer_mode=tip_sync``: verl's synchronous trainer running OPD with TIP."""
+    """``trainer.v1.trainer_mode=tip_sync``: verl's synchronous trainer running OPD with TIP.
 
-
-@core_algos.register_adv_est(ADV_ESTIMATOR)
-def tip_opd_advantage(*args, **kwargs):
-    """Placeholder so ``algorithm.adv_estimator=tip_opd`` validates; the TIP trainer computes it."""
-    raise TIPConfigError(
-        f"algorithm.adv_estimator={ADV_ESTIMATOR} is computed by the TIP trainer only: "
-        f"also set trainer.v1.trainer_mode={TRAINER_MODE} and +tip.teacher_path=..."
-    )
+    Registered with verl's ``register_trainer`` by :mod:`tip_verl.verl_adapter.plugin` once verl's V1
+    trainer package is imported.
+    """

@@ -59,25 +59,13 @@ def check_model_dir(path: Union[str, os.PathLike, None], role: str = "model") ->
     return local
 
 
-def _newline_ids(tokenizer: Any) -> list[int]:
-    ids = tokenizer.encode("\n", add_special_tokens=False)
-    return list(getattr(ids, "ids", ids))
-
-
 def check_tokenizer(path_or_tokenizer: Any, role: str = "model") -> Any:
     """verl's Qwen ChatML continuous-token builder needs ``"\\n"`` to be exactly one token.
 
-    Uses ``tip_verl.assets.check_tokenizer`` when the assets package provides it, so the rule lives in
-    one place; falls back to the newline check alone. Returns the tokenizer.
+    The rule lives in one place, :func:`tip_verl.assets.tokenizer.check_tokenizer`; its ``ValueError``
+    becomes a :class:`CPUSetupError` naming the role. Returns the tokenizer.
     """
-    checker = None
-    try:
-        from tip_verl.assets import check_tokenizer as checker  # type: ignore[attr-defined]
-    except Exception:
-        try:
-            from tip_verl.assets.tokenizer import check_tokenizer as checker
-        except Exception:
-            checker = None
+    from tip_verl.assets.tokenizer import check_tokenizer as checker
 
     tokenizer = path_or_tokenizer
     if isinstance(path_or_tokenizer, (str, os.PathLike)):
@@ -87,18 +75,10 @@ def check_tokenizer(path_or_tokenizer: Any, role: str = "model") -> Any:
             tokenizer = AutoTokenizer.from_pretrained(str(path_or_tokenizer))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CPUSetupError(f"cannot load the {role} tokenizer from {str(path_or_tokenizer)!r}: {e}") from e
-    if checker is not None:
-        try:
-            return checker(tokenizer)
-        except ValueError as e:
-            raise CPUSetupError(f"{role} tokenizer: {e}") from e
-    ids = _newline_ids(tokenizer)
-    if len(ids) != 1:
-        raise CPUSetupError(
-            f'{role} tokenizer: the newline "\\n" must encode to exactly one token (verl\'s Qwen ChatML '
-            f"continuous-token builder requires it), got {ids!r}"
-        )
-    return tokenizer
+    try:
+        return checker(tokenizer)
+    except ValueError as e:
+        raise CPUSetupError(f"{role} tokenizer: {e}") from e
 
 
 def check_engine_config(engine_config: Any, role: str = "actor") -> None:

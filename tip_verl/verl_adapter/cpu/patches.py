@@ -1,4 +1,4 @@
-"""The few monkey-patches the CPU platform needs in verl 0.9.1, each small, named and reversible.
+"""The few monkey-patches the CPU platform needs in verl 0.9.1, each small and named.
 
 They are applied by :func:`tip_verl.verl_adapter.cpu.register` **only** when the CPU platform is
 selected (``VERL_PLATFORM=cpu``); a GPU job with tip_verl installed never reaches this module.
@@ -39,7 +39,10 @@ import importlib
 import logging
 import sys
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable
+
+from tip_verl.verl_adapter._import_hooks import when_imported
 
 logger = logging.getLogger(__name__)
 
@@ -56,49 +59,32 @@ class Patch:
     factory: Callable[[Any], Any]
     # modules that imported the attribute by name (``from m import f``) and must see the new one
     rebind_importers: bool = False
-    original: Any = field(default=None, repr=False)
     replacement: Any = field(default=None, repr=False)
-    rebound: list = field(default_factory=list, repr=False)
-
-    def _owner_and_leaf(self):
-        owner = importlib.import_module(self.module)
-        *path, leaf = self.attr.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        return owner, leaf
 
     @property
     def applied(self) -> bool:
         return self.replacement is not None
 
-    def apply(self) -> None:
+    def apply(self, module: ModuleType | None = None) -> None:
+        """Patch ``module`` (default: import :attr:`module`); idempotent."""
         if self.applied:
             return
-        owner, leaf = self._owner_and_leaf()
+        owner = module if module is not None else importlib.import_module(self.module)
+        *path, leaf = self.attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
         original = getattr(owner, leaf)
         replacement = self.factory(original)
         replacement.__tip_verl_patch__ = self.name
         setattr(owner, leaf, replacement)
-        self.original, self.replacement = original, replacement
+        self.replacement = replacement
         if self.rebind_importers:
             for mod_name, mod in list(sys.modules.items()):
                 if mod is None or not mod_name.startswith("verl.") or mod_name == self.module:
                     continue
                 if getattr(mod, leaf, None) is original:
                     setattr(mod, leaf, replacement)
-                    self.rebound.append(mod_name)
         logger.debug("tip_verl cpu patch applied: %s (%s)", self.name, self.verl_ref)
-
-    def revert(self) -> None:
-        if not self.applied:
-            return
-        owner, leaf = self._owner_and_leaf()
-        setattr(owner, leaf, self.original)
-        for mod_name in self.rebound:
-            mod = sys.modules.get(mod_name)
-            if mod is not None and getattr(mod, leaf, None) is self.replacement:
-                setattr(mod, leaf, self.original)
-        self.original, self.replacement, self.rebound = None, None, []
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,16 +185,10 @@ PATCHES: list[Patch] = [
 ]
 
 
-def apply_all() -> list[str]:
-    """Apply every patch (idempotent); return the names applied."""
+def apply_when_imported() -> None:
+    """Apply each patch as soon as verl has imported the module it patches (now if it has)."""
     for patch in PATCHES:
-        patch.apply()
-    return [p.name for p in PATCHES if p.applied]
-
-
-def revert_all() -> None:
-    for patch in reversed(PATCHES):
-        patch.revert()
+        when_imported(patch.module, patch.apply)
 
 
 def applied_patches() -> list[str]:

@@ -20,6 +20,11 @@ What it provides:
 * ``ray_resource_name() == CPU_RAY_RESOURCE``: a custom logical Ray resource (declared by
   ``ray_kwargs.ray_init.resources``, see ``cpu_overrides.py``) that stands for one "device slot",
   i.e. one verl worker process. No GPU is faked.
+
+Importing this module does not import verl: :class:`PlatformCPU` (the subclass of verl's
+``PlatformBase``) is built from :class:`CPUPlatformMethods` on first use (:func:`platform_class`, or the
+attribute ``PlatformCPU``), so the ``verl.plugins`` entry point can register it even while this module is
+the one whose import started ``import verl``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ import sys
 from typing import Any, Optional
 
 import torch
-
-from verl.plugin.platform.platform_base import PlatformBase
 
 PLATFORM_NAME = "cpu"
 
@@ -155,8 +158,8 @@ class CPUDeviceModule:
         return int(vm.available), int(vm.total)
 
 
-class PlatformCPU(PlatformBase):
-    """verl platform for running the whole stack on host CPUs (gloo collectives)."""
+class CPUPlatformMethods:
+    """The methods of :class:`PlatformCPU`: what verl's ``PlatformBase`` asks of a platform, for host CPUs."""
 
     _device_module = CPUDeviceModule()
 
@@ -261,13 +264,37 @@ class PlatformCPU(PlatformBase):
         return None
 
 
-def register_platform() -> type[PlatformCPU]:
-    """Register :class:`PlatformCPU` as verl platform ``cpu`` (public ``PlatformRegistry`` API)."""
+_PLATFORM_CLASS: type | None = None
+
+
+def platform_class() -> type:
+    """``PlatformCPU``: verl platform for running the whole stack on host CPUs (gloo collectives)."""
+    global _PLATFORM_CLASS
+    if _PLATFORM_CLASS is None:
+        from verl.plugin.platform.platform_base import PlatformBase
+
+        _PLATFORM_CLASS = type(PlatformBase)("PlatformCPU", (CPUPlatformMethods, PlatformBase), {
+            "__module__": __name__,
+            "__qualname__": "PlatformCPU",
+            "__doc__": "verl platform for running the whole stack on host CPUs (gloo collectives).",
+        })
+    return _PLATFORM_CLASS
+
+
+def __getattr__(name: str):
+    if name == "PlatformCPU":
+        return platform_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_platform() -> type:
+    """Register ``PlatformCPU`` as verl platform ``cpu`` (public ``PlatformRegistry`` API)."""
     from verl.plugin.platform.platform_manager import PlatformRegistry
 
-    if PlatformRegistry.get(PLATFORM_NAME) is not PlatformCPU:
-        PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)
-    return PlatformCPU
+    cls = platform_class()
+    if PlatformRegistry.get(PLATFORM_NAME) is not cls:
+        PlatformRegistry.register(platform=PLATFORM_NAME)(cls)
+    return cls
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,11 +349,3 @@ def register_engines() -> dict[str, type]:
         EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device="cpu")(cls)
         _CPU_ENGINES[model_type] = cls
     return _CPU_ENGINES
-
-
-
-# Imported directly (not through the package's register()), this module imports verl, whose plugin
-# loader asked for the registration before this module existed; finish it now that it does.
-from tip_verl.verl_adapter.cpu import finish_deferred_registration as _finish  # noqa: E402
-
-_finish()
