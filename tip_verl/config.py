@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import is_int, is_real
+from .scoring import RULES
 
 __all__ = ["METHODS", "TIPConfig"]
 
-#: All selection methods: ``all`` (plain OPD), ``entropy`` (top-ρ by h), ``entropy_sample``
-#: (sampling ∝ h, App. A.2), ``soft_or`` (TIP, Eq. 5), ``q3`` (overconfident tokens, §7.3),
-#: ``divergence`` (top-ρ by δ), ``random`` (uniform control).
-METHODS = ("all", "entropy", "entropy_sample", "soft_or", "q3", "divergence", "random")
+#: All selection methods, the rules registered in :mod:`tip_verl.scoring`: ``all`` (plain OPD), ``entropy``
+#: (top-ρ by h), ``entropy_sample`` (sampling ∝ h, App. A.2), ``soft_or`` (TIP, Eq. 5), ``q3`` (overconfident
+#: tokens, §7.3), ``divergence`` (top-ρ by δ), ``random`` (uniform control).
+METHODS = tuple(RULES)
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
@@ -74,7 +75,7 @@ class TIPConfig:
             if not isinstance(value, bool):
                 raise self._bad(field, value, "must be a bool (True or False)")
         if self.ratio is None:
-            object.__setattr__(self, "ratio", 1.0 if self.method == "all" else 0.5)
+            object.__setattr__(self, "ratio", 1.0 if RULES[self.method].keep == "all" else 0.5)
         for field in _FLOATS:
             value = getattr(self, field)
             if not is_real(value):
@@ -96,15 +97,17 @@ class TIPConfig:
                     raise self._bad(field, value, "must be in [0, 1] (a quantile level) when "
                                     "threshold_mode='quantile'")
         # contradictions
-        if self.method == "all" and self.ratio != 1.0:
-            raise self._bad("ratio", self.ratio, "method='all' keeps every token: leave ratio unset or set it to 1.0")
-        if self.invert and self.method in ("all", "entropy_sample"):
+        rule = RULES[self.method]
+        if rule.keep == "all" and self.ratio != 1.0:
+            raise self._bad("ratio", self.ratio, f"method={self.method!r} keeps every token: leave ratio unset or "
+                            "set it to 1.0")
+        if self.invert and not rule.invertible:
             raise self._bad("invert", self.invert, f"invert=True cannot be combined with "
                             f"method={self.method!r} (it only applies to top-k methods)")
-        if self.sampling_mode == "poisson" and self.method != "entropy_sample":
+        if self.sampling_mode == "poisson" and rule.keep != "sample":
             raise self._bad("sampling_mode", self.sampling_mode,
                             f"sampling_mode='poisson' requires method='entropy_sample', got method={self.method!r}")
-        if self.importance_weighting and not (self.method == "entropy_sample" and self.sampling_mode == "poisson"):
+        if self.importance_weighting and not (rule.keep == "sample" and self.sampling_mode == "poisson"):
             raise self._bad("importance_weighting", self.importance_weighting,
                             "importance_weighting=True requires method='entropy_sample' and "
                             f"sampling_mode='poisson', got method={self.method!r}, "

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ._checks import as_mask, check_generator, check_vocab_size, prepare, push_masked, require_tensor, row_counts
 from .config import TIPConfig
-from .scoring import token_scores
+from .scoring import RULES, ScoreInputs
 from .selection import sample_tokens, select_tokens
 from .signals import normalized_entropy, sampled_token_divergence, topk_divergences
-from .taxonomy import classify_quadrants, quadrant_stats
+from .taxonomy import quadrant_codes, quadrant_stats, resolve_thresholds
 
 __all__ = ["ENTROPY_TOL", "TIPSelection", "select_for_batch"]
 
@@ -33,6 +34,11 @@ class TIPSelection:
     scores: torch.Tensor  #: the selection score (soft_or for method all; h for entropy_sample)
     quadrants: torch.Tensor  #: int64 codes 1..4, 0 masked (Table 1)
     metrics: dict[str, float] = field(default_factory=dict)  #: keys prefixed "tip/"
+    #: the quadrant split: absolute ``entropy`` / ``divergence`` thresholds (float32-rounded) and the config's
+    #: ``threshold_mode`` / ``entropy_threshold`` / ``divergence_threshold`` they were resolved from
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    #: :func:`tip_verl.taxonomy.quadrant_stats` of the batch (``q{i}_share``, ``q{i}_kept_share``, ...)
+    quadrant_stats: dict[str, float] = field(default_factory=dict)
 
 
 def _check_entropy_range(h: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
@@ -112,30 +118,28 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
 
-    method = config.method
+    rule = RULES[config.method]
+    inputs = ScoreInputs(config.method, mask, entropy=h, divergence=delta, forward_divergence=forward,
+                         scope=config.norm_scope, generator=generator, prepared=True)
+    scores = rule.score(inputs)
     loss_weights = None
-    if method == "entropy_sample":
-        sampled = sample_tokens(h, mask, config.ratio, generator=generator, mode=config.sampling_mode,
+    if rule.keep == "sample":
+        sampled = sample_tokens(scores, mask, config.ratio, generator=generator, mode=config.sampling_mode,
                                 scope=config.selection_scope)
         keep = sampled.keep_mask
-        scores = h
         if config.importance_weighting:
             pi = sampled.inclusion_prob
             assert pi is not None  # poisson mode (enforced by TIPConfig)
             # π > 0 wherever a token was kept (u < π with u >= 0)
             loss_weights = torch.where(keep, pi.clamp_min(torch.finfo(torch.float32).tiny).reciprocal(), zero)
-    elif method == "all":
-        scores = token_scores("soft_or", entropy=h, divergence=delta, response_mask=mask,
-                              scope=config.norm_scope)
+    elif rule.keep == "all":
         keep = mask.clone()
     else:
-        scores = token_scores(method, entropy=h, divergence=delta, response_mask=mask,
-                              forward_divergence=forward, scope=config.norm_scope, generator=generator)
         keep = select_tokens(scores, mask, config.ratio, scope=config.selection_scope, invert=config.invert)
 
-    quadrants = classify_quadrants(h, delta, mask, entropy_threshold=config.entropy_threshold,
-                                   divergence_threshold=config.divergence_threshold,
-                                   threshold_mode=config.threshold_mode)
+    te, td = resolve_thresholds(h, delta, mask, entropy_threshold=config.entropy_threshold,
+                                divergence_threshold=config.divergence_threshold, threshold_mode=config.threshold_mode)
+    quadrants = quadrant_codes(h, delta, mask, te, td)
 
     valid_count = int(row_counts(mask.reshape(1, -1)))
     kept_count = int(row_counts(keep.reshape(1, -1)))
@@ -160,7 +164,11 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
     if loss_weights is not None:
         metrics["tip/loss_weight_mean"] = _masked_mean(loss_weights, fk, kept_count)
         metrics["tip/loss_weight_max"] = float(loss_weights.max()) if kept_count else 0.0
-    for key, value in quadrant_stats(quadrants, delta, mask, keep).items():
+    stats = quadrant_stats(quadrants, delta, mask, keep)
+    for key, value in stats.items():
         metrics[f"tip/{key}"] = value
+    thresholds = {"entropy": te, "divergence": td, "threshold_mode": config.threshold_mode,
+                  "entropy_threshold": config.entropy_threshold, "divergence_threshold": config.divergence_threshold}
     return TIPSelection(keep_mask=keep, loss_weights=loss_weights, entropy=h, divergence=delta,
-                        forward_divergence=forward, scores=scores, quadrants=quadrants, metrics=metrics)
+                        forward_divergence=forward, scores=scores, quadrants=quadrants, metrics=metrics,
+                        thresholds=thresholds, quadrant_stats=stats)

@@ -11,9 +11,10 @@
   ``forward_divergence`` (null when the selection has none), ``score``, ``kept``, ``quadrant``
   (1..4, Table 1) and the optional top-1 columns :data:`TOP_COLUMNS` (null when not given).
 * ``thresholds.json``: per step, the absolute entropy/divergence thresholds of the quadrant split
-  (from :func:`tip_verl.taxonomy.resolve_thresholds` on the whole batch) and the config values.
-* ``quadrant_shares.csv`` (one appended row per written step): :func:`tip_verl.taxonomy.quadrant_stats`
-  over ALL valid tokens of the batch (not just the sample), plus the valid/kept token counts.
+  and the config values (``TIPSelection.thresholds``, resolved by the pipeline on the whole batch).
+* ``quadrant_shares.csv`` (one appended row per written step): the quadrant shares over ALL valid
+  tokens of the batch (``TIPSelection.quadrant_stats``, not just the sample), plus the valid/kept
+  token counts.
 
 :func:`read_records`, :func:`read_thresholds` and :func:`read_quadrant_shares` read them back.
 Pure torch/pandas/pyarrow: this module never imports verl.
@@ -26,7 +27,6 @@ import json
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 import torch
 
 from ._checks import as_mask, check_int
-from .taxonomy import THRESHOLD_MODES, quadrant_stats, resolve_thresholds
 
 __all__ = [
     "COLUMNS",
@@ -84,8 +83,7 @@ COLUMNS = tuple(SCHEMA.names)
 
 _SHARE_KEYS = tuple(f"q{i}_{fam}" for fam in ("share", "kept_share", "divergence_share") for i in range(1, 5))
 SHARES_COLUMNS = ("step", "valid_count", "kept_count") + _SHARE_KEYS
-_THRESHOLD_KEYS = ("entropy_threshold", "divergence_threshold", "threshold_mode")
-_DEFAULT_THRESHOLDS = {"entropy_threshold": 0.5, "divergence_threshold": 0.5, "threshold_mode": "quantile"}
+_THRESHOLD_KEYS = ("entropy", "divergence", "entropy_threshold", "divergence_threshold", "threshold_mode")
 
 
 def record_path(out_dir: str | os.PathLike, step: int) -> Path:
@@ -129,28 +127,6 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _resolve_threshold_config(thresholds: object) -> dict[str, Any]:
-    """The taxonomy config as a dict: from a mapping, an object with the attributes (TIPConfig), or None."""
-    cfg = dict(_DEFAULT_THRESHOLDS)
-    if thresholds is None:
-        return cfg
-    if isinstance(thresholds, Mapping):
-        unknown = sorted(set(thresholds) - set(_THRESHOLD_KEYS))
-        if unknown:
-            raise ValueError(f"thresholds has unknown keys {unknown}; allowed: {list(_THRESHOLD_KEYS)}")
-        cfg.update(thresholds)
-    elif all(hasattr(thresholds, k) for k in _THRESHOLD_KEYS):
-        cfg.update({k: getattr(thresholds, k) for k in _THRESHOLD_KEYS})
-    else:
-        raise TypeError("thresholds must be a dict with keys entropy_threshold / divergence_threshold / "
-                        f"threshold_mode, an object with those attributes (TIPConfig) or None, "
-                        f"got {type(thresholds).__name__}")
-    if cfg["threshold_mode"] not in THRESHOLD_MODES:
-        raise ValueError(f"thresholds['threshold_mode']={cfg['threshold_mode']!r} is invalid: "
-                         f"must be one of {list(THRESHOLD_MODES)}")
-    return cfg
 
 
 class TokenRecordWriter:
@@ -216,14 +192,12 @@ class TokenRecordWriter:
     # ------------------------------------------------------------------ writing
 
     def maybe_write(self, step: int, *, selection: Any, response_mask: torch.Tensor, token_ids: torch.Tensor,
-                    sequence_ids: Sequence[Any], thresholds: Mapping[str, Any] | Any | None = None,
-                    extra: Mapping[str, torch.Tensor | None] | None = None) -> Path | None:
+                    sequence_ids: Sequence[Any], extra: Mapping[str, torch.Tensor | None] | None = None) -> Path | None:
         """Write the records of ``step`` if ``step % every_n_steps == 0``; return the parquet path or None.
 
-        ``selection``: the step's :class:`tip_verl.pipeline.TIPSelection` (``[B, T]`` fields);
-        ``response_mask``, ``token_ids``: ``[B, T]``; ``sequence_ids``: ``B`` ids (stored as str);
-        ``thresholds``: the taxonomy config (``dict(entropy_threshold=..., divergence_threshold=...,
-        threshold_mode=...)`` or the TIPConfig; None = TIPConfig's defaults 0.5 / 0.5 / quantile);
+        ``selection``: the step's :class:`tip_verl.pipeline.TIPSelection` (``[B, T]`` fields; its
+        ``thresholds`` and ``quadrant_stats``, computed by the pipeline over the whole batch, are written as
+        they are); ``response_mask``, ``token_ids``: ``[B, T]``; ``sequence_ids``: ``B`` ids (stored as str);
         ``extra``: optional ``[B, T]`` tensors named in :data:`TOP_COLUMNS` (None values allowed).
         """
         if self.every_n_steps <= 0:
@@ -231,16 +205,10 @@ class TokenRecordWriter:
         step = check_int("step", step, minimum=0)
         if step % self.every_n_steps:
             return None
-        cfg = _resolve_threshold_config(thresholds)
         mask, fields = self._validate(selection, response_mask, token_ids, sequence_ids, extra)
 
-        # ---- exact per-step statistics over all tokens
-        te, td = resolve_thresholds(selection.entropy, selection.divergence, mask,
-                                    entropy_threshold=cfg["entropy_threshold"],
-                                    divergence_threshold=cfg["divergence_threshold"],
-                                    threshold_mode=cfg["threshold_mode"])
-        self._check_thresholds(selection, mask, te, td)
-        stats = quadrant_stats(selection.quadrants, selection.divergence, mask, selection.keep_mask)
+        # ---- exact per-step statistics over all tokens (the pipeline's)
+        thresholds, stats = selection.thresholds, selection.quadrant_stats
         valid_count = int(mask.sum())
         kept_count = int((selection.keep_mask.bool() & mask).sum())
 
@@ -252,7 +220,7 @@ class TokenRecordWriter:
         path = record_path(self.out_dir, step)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-        self._write_thresholds(step, te, td, cfg)
+        self._write_thresholds(step, thresholds)
         self._append_shares(step, valid_count, kept_count, stats)
         return path
 
@@ -261,6 +229,11 @@ class TokenRecordWriter:
             if not isinstance(getattr(selection, name, None), torch.Tensor):
                 raise TypeError(f"selection.{name} must be a torch.Tensor (a TIPSelection is expected), "
                                 f"got {type(getattr(selection, name, None)).__name__}")
+        for name, keys in (("thresholds", _THRESHOLD_KEYS), ("quadrant_stats", _SHARE_KEYS)):
+            value = getattr(selection, name, None)
+            if not isinstance(value, Mapping) or any(k not in value for k in keys):
+                raise TypeError(f"selection.{name} must be a dict with keys {list(keys)} (a TIPSelection from "
+                                f"select_for_batch is expected), got {value!r}")
         if not isinstance(response_mask, torch.Tensor) or response_mask.dim() != 2:
             raise ValueError("response_mask must be a 2-D [B, T] tensor, got "
                              f"{getattr(response_mask, 'shape', type(response_mask).__name__)}")
@@ -291,20 +264,6 @@ class TokenRecordWriter:
         if len(sequence_ids) != shape[0]:
             raise ValueError(f"sequence_ids has {len(sequence_ids)} ids but the batch has {shape[0]} rows")
         return as_mask(response_mask), fields
-
-    def _check_thresholds(self, selection, mask, te: float, td: float) -> None:
-        """Warn (once) when the thresholds do not reproduce ``selection.quadrants`` (wrong config given)."""
-        if self._warned_thresholds or not bool(mask.any()):
-            return
-        h = selection.entropy.float()[mask]
-        d = selection.divergence.float()[mask]
-        expected = 1 + 2 * (h <= te).long() + (d <= td).long()
-        bad = int((expected != selection.quadrants[mask].long()).sum())
-        if bad:
-            self._warned_thresholds = True
-            warnings.warn(f"TokenRecordWriter: the thresholds (h > {te:g}, δ > {td:g}) do not reproduce "
-                          f"selection.quadrants at {bad} positions; pass thresholds= with the TIPConfig's "
-                          "entropy_threshold / divergence_threshold / threshold_mode", stacklevel=3)
 
     def _table(self, step, rows, cut, mask, fields, seq_ids) -> pa.Table:
         T = mask.shape[1]
@@ -345,14 +304,15 @@ class TokenRecordWriter:
             arrays[name] = pa.array(values, type=typ)
         return pa.Table.from_arrays([arrays[c] for c in COLUMNS], schema=SCHEMA)
 
-    def _write_thresholds(self, step: int, te: float, td: float, cfg: Mapping[str, Any]) -> None:
+    def _write_thresholds(self, step: int, thresholds: Mapping[str, Any]) -> None:
         path = self.out_dir / THRESHOLDS_FILE
         data = _load_thresholds_json(path) if path.exists() else {}
         steps = data.setdefault("steps", {})
         steps[str(step)] = {
-            "entropy": te, "divergence": td, "threshold_mode": cfg["threshold_mode"],
-            "entropy_threshold": float(cfg["entropy_threshold"]),
-            "divergence_threshold": float(cfg["divergence_threshold"]),
+            "entropy": float(thresholds["entropy"]), "divergence": float(thresholds["divergence"]),
+            "threshold_mode": thresholds["threshold_mode"],
+            "entropy_threshold": float(thresholds["entropy_threshold"]),
+            "divergence_threshold": float(thresholds["divergence_threshold"]),
         }
         data["steps"] = {k: steps[k] for k in sorted(steps, key=int)}
         text = json.dumps(data, indent=1)

@@ -1,16 +1,66 @@
-"""Token importance scores of TIP: min-max normalisation and the Soft-OR / Q3 scores (Eq. 5, §7.3)."""
+"""The selection rules of TIP, one registry: each rule is one scoring function (Eq. 5, §7.3, App. B.3).
+
+A rule is registered in the style of verl's ``core_algos.register_adv_est``::
+
+    @register_method("soft_or")
+    def soft_or(x: ScoreInputs) -> torch.Tensor:   # float32 [B, T], 0 at masked positions
+        h_hat, d_hat = x.minmax(x.entropy), x.minmax(x.divergence)
+        return h_hat.add(d_hat).sub_(h_hat.mul_(d_hat))
+
+and from then on is a valid ``TIPConfig.method`` / ``+tip.method``. ``keep`` says what is done with
+the score: ``"top"`` keeps the top ρ (Eq. 6; ``invert`` keeps the bottom ρ), ``"sample"`` samples ∝
+the score (App. B.3), ``"all"`` keeps every valid token (the score is then only reported). Inputs are
+validated once, at the edge (:func:`token_scores`, :func:`tip_verl.pipeline.select_for_batch`); a rule
+reads prepared tensors from :class:`ScoreInputs`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ._checks import as_mask, check_choice, check_generator, prepare, push_masked, push_scale, uniform
 
-__all__ = ["NORM_SCOPES", "SCORE_METHODS", "minmax_normalize", "token_scores"]
+__all__ = ["KEEP_MODES", "NORM_SCOPES", "RULES", "SCORE_METHODS", "ScoreInputs", "SelectionRule", "minmax_normalize",
+           "register_method", "token_scores"]
 
 NORM_SCOPES = ("batch", "sequence")
-#: Score-based methods accepted by :func:`token_scores`.
-SCORE_METHODS = ("entropy", "divergence", "soft_or", "q3", "random")
+#: What a rule does with its score: keep the top ρ, sample ∝ score, or keep every valid token.
+KEEP_MODES = ("top", "sample", "all")
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """One registered selection rule (see :func:`register_method`)."""
+
+    name: str
+    score: Callable[["ScoreInputs"], torch.Tensor]
+    keep: str = "top"
+
+    @property
+    def invertible(self) -> bool:
+        """``invert=True`` (keep the lowest scores) applies to top-ρ rules only."""
+        return self.keep == "top"
+
+
+#: The registered rules by name, in registration order (= :data:`tip_verl.config.METHODS`).
+RULES: dict[str, SelectionRule] = {}
+
+
+def register_method(name: str, *, keep: str = "top") -> Callable:
+    """Decorator: register ``fn(x: ScoreInputs) -> float32 [B, T]`` as selection rule ``name``."""
+    check_choice("keep", keep, KEEP_MODES)
+
+    def decorator(fn: Callable[["ScoreInputs"], torch.Tensor]) -> Callable:
+        existing = RULES.get(name)
+        if existing is not None and (existing.score is not fn or existing.keep != keep):
+            raise ValueError(f"selection rule {name!r} is already registered to {existing.score.__qualname__}")
+        RULES[name] = SelectionRule(name=name, score=fn, keep=keep)
+        return fn
+
+    return decorator
 
 
 def _minmax(xf: torch.Tensor, mask: torch.Tensor, fm: torch.Tensor, notm: torch.Tensor,
@@ -56,18 +106,110 @@ def minmax_normalize(x: torch.Tensor, response_mask: torch.Tensor, scope: str = 
     return _minmax(xf, mask, fm, 1.0 - fm, scope)
 
 
-def _need(name: str, value: torch.Tensor | None, method: str, mask: torch.Tensor) -> torch.Tensor:
-    if value is None:
-        raise ValueError(f"token_scores(method={method!r}) requires {name}")
-    as_mask(mask, value, name)  # shape check against response_mask
-    return prepare(name, value, mask)
+class ScoreInputs:
+    """What a rule reads: h (Eq. 2), δ (Eq. 3), the forward δ, the mask, the scope and the generator.
+
+    Built once per call. ``prepared=True`` (:func:`tip_verl.pipeline.select_for_batch`): the tensors are
+    already validated float32 and are handed out as they are. ``prepared=False`` (:func:`token_scores`):
+    each input is validated on first read, so a rule needs (and checks) only the inputs it uses.
+    """
+
+    def __init__(self, method: str, mask: torch.Tensor, *, entropy: torch.Tensor | None = None,
+                 divergence: torch.Tensor | None = None, forward_divergence: torch.Tensor | None = None,
+                 scope: str = "batch", generator: torch.Generator | None = None, prepared: bool = False) -> None:
+        self.method, self.mask, self.scope, self.generator = method, mask, scope, generator
+        self.fm = mask.to(torch.float32)
+        self.notm = 1.0 - self.fm
+        self._raw = {"entropy": entropy, "divergence": divergence, "forward_divergence": forward_divergence}
+        self._ready: dict[str, torch.Tensor] = {k: v for k, v in self._raw.items() if prepared and v is not None}
+
+    def has(self, name: str) -> bool:
+        return self._raw[name] is not None
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self._ready:
+            value = self._raw[name]
+            if value is None:
+                raise ValueError(f"token_scores(method={self.method!r}) requires {name}")
+            self._ready[name] = prepare(name, value, self.mask)
+        return self._ready[name]
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self._get("entropy")
+
+    @property
+    def divergence(self) -> torch.Tensor:
+        return self._get("divergence")
+
+    @property
+    def forward_divergence(self) -> torch.Tensor:
+        return self._get("forward_divergence")
+
+    def minmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Min-max normalisation of a prepared input over :attr:`scope` (the hats of Eq. 5)."""
+        return _minmax(x, self.mask, self.fm, self.notm, self.scope)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules (registration order = TIPConfig.METHODS)
+# ---------------------------------------------------------------------------------------------
+def soft_or(x: ScoreInputs) -> torch.Tensor:
+    """TIP's Soft-OR ``ĥ + δ̂ − ĥ·δ̂`` with ĥ, δ̂ min-max normalised over the scope (Eq. 5)."""
+    h_hat = x.minmax(x.entropy)
+    d_hat = x.minmax(x.divergence)
+    # ĥ + δ̂ − ĥδ̂ = 1 − (1 − ĥ)(1 − δ̂); both are 0 at masked positions, so the score is too
+    return h_hat.add(d_hat).sub_(h_hat.mul_(d_hat))
+
+
+# plain OPD: keeps every valid token; the Soft-OR score is reported (score_threshold, records)
+register_method("all", keep="all")(soft_or)
+
+
+@register_method("entropy")
+def entropy(x: ScoreInputs) -> torch.Tensor:
+    """The student's normalised entropy h (top ρ by h)."""
+    return x.entropy * x.fm  # finite * {0, 1}: masked -> 0
+
+
+@register_method("entropy_sample", keep="sample")
+def entropy_sample(x: ScoreInputs) -> torch.Tensor:
+    """Sampling ∝ h (App. A.2 / B.3); the weights are h itself."""
+    return x.entropy
+
+
+register_method("soft_or")(soft_or)
+
+
+@register_method("q3")
+def q3(x: ScoreInputs) -> torch.Tensor:
+    """Overconfident tokens (§7.3): ``δ_fwd · (1 − ĥ)``; δ_fwd falls back to δ when no forward δ is given."""
+    h_hat = x.minmax(x.entropy)
+    fwd = x.forward_divergence if x.has("forward_divergence") else x.divergence
+    return (1.0 - h_hat).mul_(fwd).mul_(x.fm)
+
+
+@register_method("divergence")
+def divergence(x: ScoreInputs) -> torch.Tensor:
+    """The teacher–student divergence δ (top ρ by δ)."""
+    return x.divergence * x.fm
+
+
+@register_method("random")
+def random(x: ScoreInputs) -> torch.Tensor:
+    """Uniform control: U[0, 1) draws from the generator (global RNG if None)."""
+    return uniform(tuple(x.mask.shape), x.generator, x.mask.device).mul_(x.fm)
+
+
+#: Rules that keep the top ρ by their score: the methods :func:`token_scores` accepts.
+SCORE_METHODS = tuple(name for name, rule in RULES.items() if rule.keep == "top")
 
 
 def token_scores(method: str, *, entropy: torch.Tensor | None = None,
                  divergence: torch.Tensor | None = None, response_mask: torch.Tensor,
                  forward_divergence: torch.Tensor | None = None, scope: str = "batch",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-token importance score, float32 ``[B, T]``, 0 at masked positions.
+    """Per-token importance score of a top-ρ rule (:data:`SCORE_METHODS`), float32 ``[B, T]``, 0 at masked positions.
 
     ``entropy`` is the already normalised h (Eq. 2), ``divergence`` is δ (Eq. 3). Methods:
 
@@ -86,22 +228,6 @@ def token_scores(method: str, *, entropy: torch.Tensor | None = None,
     for name, t in (("entropy", entropy), ("divergence", divergence), ("forward_divergence", forward_divergence)):
         if t is not None:
             as_mask(mask, t, name)
-    fm = mask.to(torch.float32)
-    notm = 1.0 - fm
-    if method == "random":
-        return uniform(tuple(mask.shape), generator, mask.device).mul_(fm)
-    if method == "entropy":
-        return _need("entropy", entropy, method, mask) * fm  # finite * {0, 1}: masked -> 0
-    if method == "divergence":
-        return _need("divergence", divergence, method, mask) * fm
-    h_hat = _minmax(_need("entropy", entropy, method, mask), mask, fm, notm, scope)
-    if method == "soft_or":
-        d_hat = _minmax(_need("divergence", divergence, method, mask), mask, fm, notm, scope)
-        # ĥ + δ̂ − ĥδ̂ = 1 − (1 − ĥ)(1 − δ̂); both are 0 at masked positions, so the score is too
-        return h_hat.add(d_hat).sub_(h_hat.mul_(d_hat))
-    # q3
-    if forward_divergence is not None:
-        fwd = _need("forward_divergence", forward_divergence, method, mask)
-    else:
-        fwd = _need("divergence", divergence, method, mask)
-    return (1.0 - h_hat).mul_(fwd).mul_(fm)
+    inputs = ScoreInputs(method, mask, entropy=entropy, divergence=divergence, forward_divergence=forward_divergence,
+                         scope=scope, generator=generator)
+    return RULES[method].score(inputs)

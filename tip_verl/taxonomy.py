@@ -12,7 +12,7 @@ import torch
 
 from ._checks import as_mask, check_choice, is_real, prepare, push_masked, row_counts
 
-__all__ = ["THRESHOLD_MODES", "classify_quadrants", "quadrant_stats", "resolve_thresholds"]
+__all__ = ["THRESHOLD_MODES", "classify_quadrants", "quadrant_codes", "quadrant_stats", "resolve_thresholds"]
 
 THRESHOLD_MODES = ("quantile", "absolute")
 
@@ -94,6 +94,12 @@ def classify_quadrants(entropy: torch.Tensor, divergence: torch.Tensor, response
     d = prepare("divergence", divergence, mask)
     te, td = resolve_thresholds(h, d, mask, entropy_threshold=entropy_threshold,
                                 divergence_threshold=divergence_threshold, threshold_mode=threshold_mode)
+    return quadrant_codes(h, d, mask, te, td)
+
+
+def quadrant_codes(h: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, te: float, td: float) -> torch.Tensor:
+    """:func:`classify_quadrants` on prepared inputs (finite float32 ``h``, ``d``; bool ``mask``) and absolute
+    thresholds ``te`` / ``td`` (:func:`resolve_thresholds`)."""
     high_h = h > te
     high_d = d > td
     # Q1 = 1, Q2 = 2, Q3 = 3, Q4 = 4 (0 where masked), built in uint8 then widened once

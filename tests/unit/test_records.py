@@ -1,6 +1,7 @@
 """TokenRecordWriter / read_records: per-token records of the TIP selection (Section 4, App. B.4)."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -41,8 +42,7 @@ def make_batch(seed, batch=8, seq=30, config=CFG, empty_rows=(), full=False):
 
 def write(writer, step, batch, **kw):
     sel, mask, y, ids, _ = batch
-    return writer.maybe_write(step, selection=sel, response_mask=mask, token_ids=y, sequence_ids=ids,
-                              thresholds=kw.pop("thresholds", THR), **kw)
+    return writer.maybe_write(step, selection=sel, response_mask=mask, token_ids=y, sequence_ids=ids, **kw)
 
 
 def test_constructor_validates_arguments(tmp_path):
@@ -183,25 +183,25 @@ def test_rewritten_step_after_resume_keeps_the_last_row(tmp_path):
     assert set(read_records(tmp_path, steps=[1])["sequence_id"]) <= set(second[3])
 
 
-def test_absolute_thresholds_from_config_and_mismatch_warning(tmp_path):
+def test_thresholds_and_shares_are_the_selections_own(tmp_path):
+    """The writer records what select_for_batch computed (TIPSelection.thresholds / .quadrant_stats)."""
     cfg = TIPConfig(method="entropy", ratio=0.3, entropy_threshold=0.7, divergence_threshold=1.5,
                     threshold_mode="absolute")
     b = make_batch(1, config=cfg)
+    sel = b[0]
+    assert sel.thresholds == {"entropy": pytest.approx(0.7), "divergence": 1.5, "threshold_mode": "absolute",
+                              "entropy_threshold": 0.7, "divergence_threshold": 1.5}
+    assert sel.quadrant_stats == quadrant_stats(sel.quadrants, sel.divergence, b[1], sel.keep_mask)
+    assert {f"tip/{k}": v for k, v in sel.quadrant_stats.items()}.items() <= sel.metrics.items()
     w = TokenRecordWriter(tmp_path / "ok", every_n_steps=1, max_rows_per_step=50)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        write(w, 0, b, thresholds=cfg)  # a TIPConfig works too
+    write(w, 0, b)
     assert read_thresholds(tmp_path / "ok")[0] == {"entropy": pytest.approx(0.7), "divergence": 1.5,
                                                    "threshold_mode": "absolute", "entropy_threshold": 0.7,
                                                    "divergence_threshold": 1.5}
-    w2 = TokenRecordWriter(tmp_path / "bad", every_n_steps=1, max_rows_per_step=50)
-    with pytest.warns(UserWarning, match="do not reproduce selection.quadrants"):
-        write(w2, 0, b)  # default quantile 0.5 thresholds: not the config used by the selection
-    with pytest.raises(ValueError, match="unknown keys"):
-        write(w2, 1, b, thresholds=dict(entropy_threshold=0.5, ratio=0.1))
-    with pytest.raises(ValueError, match="threshold_mode"):
-        write(w2, 1, b, thresholds=dict(threshold_mode="median"))
+    assert read_quadrant_shares(tmp_path / "ok").iloc[0]["q3_share"] == sel.quadrant_stats["q3_share"]
+    partial = dataclasses.replace(sel, thresholds={"entropy": 0.5})
+    with pytest.raises(TypeError, match="selection.thresholds must be a dict with keys"):
+        write(w, 1, (partial, *b[1:]))
 
 
 def test_top1_columns_round_trip_and_input_validation(tmp_path):

@@ -14,7 +14,6 @@ from tip_verl.report import QUADRANT_LABELS, main
 
 VOCAB = 50
 CFG = TIPConfig(method="soft_or", ratio=0.5)
-THR = dict(entropy_threshold=0.5, divergence_threshold=0.5, threshold_mode="quantile")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,7 +37,7 @@ def records(tmp_path_factory):
     w = TokenRecordWriter(d, every_n_steps=1, max_rows_per_step=80, seed=3)
     for step in range(5):
         sel, mask, y, ids = make_batch(step)
-        w.maybe_write(step, selection=sel, response_mask=mask, token_ids=y, sequence_ids=ids, thresholds=THR)
+        w.maybe_write(step, selection=sel, response_mask=mask, token_ids=y, sequence_ids=ids)
     return d
 
 
@@ -149,7 +148,7 @@ def test_tokenizer_backed_text_view_shows_text_and_top_choices(tmp_path, capsys)
     sp, tp = torch.rand(2, len(ids), generator=g), torch.rand(2, len(ids), generator=g)
     records = tmp_path / "rec"
     w = TokenRecordWriter(records, every_n_steps=5, max_rows_per_step=1000)
-    w.maybe_write(10, selection=sel, response_mask=mask, token_ids=token_ids, sequence_ids=seq_ids, thresholds=THR,
+    w.maybe_write(10, selection=sel, response_mask=mask, token_ids=token_ids, sequence_ids=seq_ids,
                   extra=dict(student_top_id=student_top, student_top_prob=sp, teacher_top_id=teacher_top,
                              teacher_top_prob=tp))
     assert main([str(records), "--tokenizer", str(tok_dir), "--max-sequences", "2", "--max-detail", "100",

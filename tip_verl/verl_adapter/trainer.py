@@ -205,8 +205,7 @@ class TIPTrainerMixin:
         if "responses" in padded:
             self.tip_records.maybe_write(
                 int(self.global_steps), selection=step.selection, response_mask=response_mask.bool(),
-                token_ids=padded["responses"], sequence_ids=list(batch.keys), thresholds=self.tip.selection,
-                extra=_top_choices(signals, padded),
+                token_ids=padded["responses"], sequence_ids=list(batch.keys), extra=_top_choices(signals, padded),
             )
         keep = response_to_nested(step.keep_mask.to(response_mask.dtype), nested_mask)
         output = {"response_mask": keep, "loss_mask": keep}
