@@ -12,6 +12,7 @@ of kept tokens. The 1-minute load average before and after is recorded: measure 
 Usage:
   python scripts/bench_selection.py --threads 1 --out docs/bench/bench_selection.json
   python scripts/bench_selection.py --tiny --out /tmp/sel.json          # seconds, for CI
+  python scripts/bench_selection.py --from-raw docs/bench/bench_selection.json   # rebuild the .md table
 """
 
 from __future__ import annotations
@@ -140,7 +141,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--tiny", action="store_true", help="4 x 64, one timed call (CI)")
     ap.add_argument("--out", default=None, help="JSON output path (a .md table is written next to it)")
+    ap.add_argument("--from-raw", default=None, help="only rebuild the .md table next to this JSON of an earlier run")
     args = ap.parse_args(argv)
+    if args.from_raw:
+        raw = Path(args.from_raw)
+        try:
+            report = json.loads(raw.read_text())
+            raw.with_suffix(".md").write_text(markdown(report))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench_selection.py: error: --from-raw {str(raw)!r}: {exc}", file=sys.stderr)
+            return 2
+        print(raw.with_suffix(".md").read_text())
+        return 0
     batch = args.batch if args.batch is not None else (4 if args.tiny else 256)
     seq = args.seq if args.seq is not None else (64 if args.tiny else 8192)
     repeats = args.repeats if args.repeats is not None else (1 if args.tiny else 5)

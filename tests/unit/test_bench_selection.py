@@ -29,6 +29,10 @@ def test_tiny_run_times_every_rule(tmp_path):
             assert 0.15 * valid <= r["kept_tokens"] <= 0.35 * valid, r
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(report["rows"]) + 1  # header + one line per case
+    out.with_suffix(".md").unlink()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-raw", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and out.with_suffix(".md").read_text() == table
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path):
