@@ -13,6 +13,14 @@ verl's trainer makes: ``train_mini_batch`` -> ``train_batch`` -> engine ``forwar
 * ``tip``: ``actor_worker_cls = SparseLMHeadTrainingWorker``; same keep-mask; the LM head runs only at
   kept tokens.
 
+``--compare`` (issue 12) runs, in one run, the configurations that separate the mechanisms:
+``baseline`` (verl default), ``baseline_fused`` (verl ``use_fused_kernels=True``), and at each ratio
+``tip_gather`` (gather-first only: the (K, vocab) kept logits, ``TIP_VERL_LM_HEAD_CHUNK_ROWS=0``),
+``tip`` (the default: gather-first + chunked lm_head/log-probs, ``tip_verl.kept_logprobs``) and
+``tip_fused`` (gather-first on top of verl's fused kernels), plus the floor (``tip`` with one kept token
+per sequence). It needs a tied lm_head (``--tied``; verl's fused forward reads ``lm_head.weight``
+outside the module, which FSDP2 unshards only when it is tied to the embeddings).
+
 Keep-masks: ``round(ratio * response_len)`` tokens per sequence drawn at random (seeded), written into
 ``response_mask`` and ``loss_mask`` as the TIP trainer does. Tokens and weights are random.
 
@@ -46,6 +54,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+#: --compare configurations: mode -> (sparse worker, verl use_fused_kernels, TIP_VERL_LM_HEAD_CHUNK_ROWS or None)
+COMPARE_MODES = {
+    "baseline_fused": (False, True, None),
+    "tip_gather": (True, False, "0"),
+    "tip_fused": (True, True, None),
+}
+MODE_SETUP = {"baseline": (False, False, None), "tip": (True, False, None), "teacher": (True, False, None),
+              **COMPARE_MODES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +105,9 @@ def parse_args(argv=None):
                         "and hide part of the step's peak)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     p.add_argument("--from-raw", help="only rebuild the CSV / markdown / PNG from a bench_memory_raw.json")
+    p.add_argument("--compare", action="store_true",
+                   help="issue 12: verl default, verl fused kernels, tip gather-first / default (chunked) / on fused "
+                        "at every ratio, and the floor (one kept token per sequence), in one run (needs --tied)")
     p.add_argument("--profile-memory", action="store_true",
                    help="after the measured steps, profile one more step with torch.profiler(profile_memory=True) "
                         "and write its memory timeline (by category) and top allocating ops under --out")
@@ -97,7 +117,7 @@ def parse_args(argv=None):
                         "for these comma-separated top-k sizes (0 = sampled-token log-probs only, verl's ref "
                         "pass), e.g. 0,64: peak memory, time and the bytes per token of the top-k transfer")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["baseline", "tip", "teacher"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["baseline", "tip", "teacher", *COMPARE_MODES], help=argparse.SUPPRESS)
     p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -190,12 +210,16 @@ def actor_config(args, model_dir: str):
     import verl
     from hydra import compose, initialize_config_dir
 
+    fused = MODE_SETUP[args.mode][1] if getattr(args, "mode", None) else False
+
     mp = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
     B, L = args.batch, args.prompt_len + args.response_len
     overrides = [
         f"actor_rollout_ref.model.path={model_dir}",
         f"actor_rollout_ref.model.use_remove_padding={not args.no_remove_padding}",
         f"actor_rollout_ref.model.enable_gradient_checkpointing={not args.no_gradient_checkpointing}",
+        f"actor_rollout_ref.model.use_fused_kernels={fused}",
+        "actor_rollout_ref.model.fused_kernel_options.impl_backend=torch",
         f"+actor_rollout_ref.model.override_config.attn_implementation={args.attn}",
         "actor_rollout_ref.actor.strategy=fsdp2",
         "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
@@ -327,7 +351,7 @@ def run_worker(args) -> dict:
     class TipActor(ActorRolloutRefWorker):
         actor_worker_cls = SparseLMHeadTrainingWorker
 
-    worker_cls = TipActor if args.mode in ("tip", "teacher") else ActorRolloutRefWorker
+    worker_cls = TipActor if MODE_SETUP[args.mode][0] else ActorRolloutRefWorker
     worker = worker_cls(config=actor_config(args, args.model_dir), role="actor")
     worker.init_model()
     engine_cls = type(worker.actor.engine).__name__
@@ -365,7 +389,7 @@ def run_worker(args) -> dict:
         hwm = hwm_bytes() if hwm_ok else 0
         peak, sampled = max(hwm, sampler.peak) - before, sampler.peak - before
     memory = {"peak_bytes": peak, "sampled_peak_bytes": sampled, "before_bytes": before,
-              "hwm_reset": None if cuda else hwm_ok}
+              "hwm_reset": None if cuda else hwm_ok, "process_peak_bytes": before + peak}
 
     # 2) time: no probes; on the CPU glibc back to its steady-state thresholds (freed memory reused)
     if not cuda and not args.no_malloc_tuning:
@@ -388,7 +412,9 @@ def run_worker(args) -> dict:
         "mode": args.mode, "ratio": args.ratio, "engine": engine_cls,
         "kept_tokens": int(keep.sum()), "response_tokens": args.batch * args.response_len,
         "total_tokens": args.batch * (args.prompt_len + args.response_len),
-        "peak_bytes": memory["peak_bytes"],
+        "peak_bytes": memory["peak_bytes"], "process_peak_bytes": memory["process_peak_bytes"],
+        "use_fused_kernels": MODE_SETUP[args.mode][1],
+        "chunk_rows_env": os.environ.get("TIP_VERL_LM_HEAD_CHUNK_ROWS"),
         "seconds": min(r["seconds"] for r in timings),
         "cpu_seconds": min(r["cpu_seconds"] for r in timings),
         "timing_steps": timings,
@@ -546,6 +572,9 @@ def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> di
     env = dict(os.environ)
     if args.device == "cpu" and not args.no_malloc_tuning:
         env.update(MALLOC_MEASURE_ENV)
+    env.pop("TIP_VERL_LM_HEAD_CHUNK_ROWS", None)
+    if MODE_SETUP[mode][2] is not None:
+        env["TIP_VERL_LM_HEAD_CHUNK_ROWS"] = MODE_SETUP[mode][2]
     t0 = time.time()
     proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env,
                           capture_output=True, text=True, timeout=args.timeout)
@@ -628,6 +657,151 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
         print("matplotlib is not installed: no PNG", file=sys.stderr)
 
 
+def compare_main(args, out: Path) -> int:
+    """``--compare``: one run of every configuration of issue 12 (or ``--from-raw`` of such a run)."""
+    if args.from_raw:
+        raw = json.loads(Path(args.from_raw).read_text())
+        for key, value in raw["args"].items():
+            if key not in ("from_raw", "out"):
+                setattr(args, key, value)
+        runs = raw["compare"]
+    else:
+        if not args.tied:
+            raise SystemExit("bench_memory.py: error: --compare needs --tied (verl's fused kernels under FSDP2)")
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        floor_ratio = 1.0 / args.response_len  # one kept token per sequence
+        plan = [("baseline", min(ratios)), ("baseline_fused", min(ratios))]
+        plan += [(mode, r) for r in ratios for mode in ("tip_gather", "tip", "tip_fused")]
+        plan.append(("floor", floor_ratio))
+        runs = []
+        with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
+            work = Path(tmp)
+            model_dir = build_model(work / "model", args)
+            for mode, r in plan:
+                rec = run_config(args, "tip" if mode == "floor" else mode, r, model_dir, work)
+                rec["config"] = mode
+                runs.append(rec)
+                (out / "bench_memory_compare_raw.json").write_text(  # partial results survive a crash
+                    json.dumps({"args": {k: v for k, v in vars(args).items()}, "compare": runs}, indent=1))
+    compare_reports(args, runs, out)
+    print((out / "bench_memory_compare.md").read_text())
+    return 0
+
+
+#: label, and the issue-12 targets checked in the table
+COMPARE_LABELS = {"baseline": "verl default", "baseline_fused": "verl use_fused_kernels",
+                  "tip_gather": "tip_verl gather-first only", "tip": "tip_verl default (chunked)",
+                  "tip_fused": "tip_verl on verl fused", "floor": "floor (tip_verl, 1 kept token / sequence)"}
+
+
+def compare_reports(args, runs: list[dict], out: Path) -> None:
+    by = {(r["config"], r["ratio"]): r for r in runs}
+    base = next(r for r in runs if r["config"] == "baseline")
+    fused = next(r for r in runs if r["config"] == "baseline_fused")
+    floor = next(r for r in runs if r["config"] == "floor")
+    gib = lambda b: b / 2**30  # noqa: E731
+
+    def targets(r) -> str:
+        if r["config"] != "tip":
+            return ""
+        marks = []
+        if abs(r["ratio"] - 1.0) < 1e-9:
+            ok = r["peak_bytes"] <= fused["peak_bytes"]
+            marks.append(f"delta <= verl fused: {'met' if ok else 'MISSED'}")
+        if abs(r["ratio"] - 0.2) < 1e-9:
+            ok = r["peak_bytes"] <= 0.25 * base["peak_bytes"]
+            marks.append(f"delta <= 0.25 x verl default: {'met' if ok else 'MISSED'}")
+        if r["ratio"] <= 0.2 + 1e-9:
+            ok = r["process_peak_bytes"] <= 1.1 * floor["process_peak_bytes"]
+            marks.append(f"process peak <= 1.1 x floor: {'met' if ok else 'MISSED'}")
+        return "; ".join(marks)
+
+    setup = (f"{args.device}, {args.dtype}, Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
+             f"{', tied' if args.tied else ''}, {args.batch} x ({args.prompt_len} prompt + {args.response_len} response)"
+             f" tokens in one micro-batch, remove-padding {'off' if args.no_remove_padding else 'on'}, gradient "
+             f"checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, attn {args.attn}"
+             f"{f', {args.threads} torch thread(s)' if args.threads else ''}")
+    lines = [
+        "| config | keep ratio | kept tokens | step-delta peak (GiB) | / verl default | / verl fused | "
+        "process peak (GiB) | / floor | step wall (s) | / default | / fused | step CPU (s) | / default | / fused | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = ["baseline", "baseline_fused"]
+    ratios = sorted({r["ratio"] for r in runs if r["config"].startswith("tip")}, reverse=True)
+    rows = [by[(c, base["ratio"] if c == "baseline" else fused["ratio"])] for c in order]
+    rows += [by[(c, ratio)] for ratio in ratios for c in ("tip_gather", "tip", "tip_fused") if (c, ratio) in by]
+    rows.append(floor)
+    csv_rows = []
+    for r in rows:
+        ratio = "any" if r["config"].startswith("baseline") else f"{r['ratio']:.2f}"
+        if r["config"] == "floor":
+            ratio = f"1/{args.response_len}"
+        vals = {
+            "delta": gib(r["peak_bytes"]), "delta_default": r["peak_bytes"] / base["peak_bytes"],
+            "delta_fused": r["peak_bytes"] / fused["peak_bytes"], "proc": gib(r["process_peak_bytes"]),
+            "proc_floor": r["process_peak_bytes"] / floor["process_peak_bytes"], "wall": r["seconds"],
+            "wall_default": r["seconds"] / base["seconds"], "wall_fused": r["seconds"] / fused["seconds"],
+            "cpu": r["cpu_seconds"], "cpu_default": r["cpu_seconds"] / base["cpu_seconds"],
+            "cpu_fused": r["cpu_seconds"] / fused["cpu_seconds"],
+        }
+        lines.append(
+            f"| {COMPARE_LABELS[r['config']]} | {ratio} | {r['kept_tokens']} | {vals['delta']:.3f} | "
+            f"{vals['delta_default']:.3f} | {vals['delta_fused']:.3f} | {vals['proc']:.3f} | {vals['proc_floor']:.3f} | "
+            f"{vals['wall']:.2f} | {vals['wall_default']:.3f} | {vals['wall_fused']:.3f} | {vals['cpu']:.2f} | "
+            f"{vals['cpu_default']:.3f} | {vals['cpu_fused']:.3f} | {targets(r)} |")
+        csv_rows.append({"config": r["config"], "keep_ratio": r["ratio"], "kept_tokens": r["kept_tokens"], **vals,
+                         "targets": targets(r), "engine": r["engine"]})
+    notes = [
+        "", "Step-delta peak: " + (
+            "peak RSS during `update_actor` minus RSS right before it (VmHWM reset via /proc/self/clear_refs, "
+            "1 ms sampler cross-check); process peak: that peak RSS itself (parameters, gradients, Adam state, "
+            "runtime)." if args.device == "cpu" else
+            "`torch.cuda.max_memory_allocated()` during `update_actor` minus the allocation before it; process peak: "
+            "the allocation peak itself."),
+        "Floor: the default tip_verl path with one kept token per sequence, measured in the same run. "
+        "Step time: fastest of the timed steps (run without the memory probes), wall clock and process CPU time.",
+        "",
+    ]
+    (out / "bench_memory_compare.md").write_text(f"{setup}\n\n" + "\n".join(lines + notes))
+    with open(out / "bench_memory_compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+        w.writeheader()
+        w.writerows(csv_rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+        colors = {"tip_gather": "#9ecae1", "tip": "#1f77b4", "tip_fused": "#08306b"}
+        width = 0.27
+        for ax, key, title, refs in (
+            (axes[0], "peak_bytes", "step-delta peak (GiB)", (("verl default", base, "#888888", "--"),
+                                                              ("verl fused", fused, "#d62728", "--"))),
+            (axes[1], "process_peak_bytes", "whole-process peak (GiB)", (("verl default", base, "#888888", "--"),
+                                                                         ("verl fused", fused, "#d62728", "--"),
+                                                                         ("floor", floor, "#2ca02c", ":"))),
+        ):
+            for j, c in enumerate(("tip_gather", "tip", "tip_fused")):
+                xs = [i + (j - 1) * width for i, ratio in enumerate(ratios) if (c, ratio) in by]
+                ys = [gib(by[(c, ratio)][key]) for ratio in ratios if (c, ratio) in by]
+                bars = ax.bar(xs, ys, width, color=colors[c], label=COMPARE_LABELS[c])
+                for b, y in zip(bars, ys):
+                    ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+            for name, rec, color, style in refs:
+                ax.axhline(gib(rec[key]), color=color, ls=style, lw=1, label=f"{name} {gib(rec[key]):.2f}")
+            ax.set_xticks(range(len(ratios)), [f"rho={r:g}" for r in ratios])
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.suptitle(setup, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "bench_memory_compare.png", dpi=120)
+        plt.close(fig)
+    except ImportError:
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -647,6 +821,8 @@ def main(argv=None) -> int:
         teacher_report(args, recs, out)
         print((out / "bench_teacher_pass.md").read_text())
         return 0
+    if args.compare or (args.from_raw and "compare" in json.loads(Path(args.from_raw).read_text())):
+        return compare_main(args, out)
     if args.from_raw:  # rebuild the reports of an earlier run
         raw = json.loads(Path(args.from_raw).read_text())
         for key in ("device", "dtype", "hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch",
