@@ -100,6 +100,28 @@ def sampled_token_divergence(student_logprobs: torch.Tensor, teacher_logprobs: t
     return out.clamp_min_(0.0)
 
 
+def topk_tail_kl(ls: torch.Tensor, lt: torch.Tensor, tail_s: torch.Tensor, tail_t: torch.Tensor, *,
+                 ps: torch.Tensor | None = None, pt: torch.Tensor | None = None, forward: bool = False):
+    """Eq. 3 on prepared tensors: the KLs of two distributions collapsed onto k ids plus one tail bucket.
+
+    ``ls`` / ``lt`` ``[..., k]``: student / teacher log-probs at the teacher's top-k ids; ``tail_s`` /
+    ``tail_t`` ``[...]``: each side's leftover mass (already clamped to ≥ ``TAIL_EPS``); ``ps`` / ``pt``:
+    ``ls.exp()`` / ``lt.exp()`` when the caller has them. Returns ``KL(S||T)`` (and, with ``forward``,
+    ``(KL(S||T), KL(T||S))``) ``[...]``, unclamped, in the inputs' dtype; differentiable. The one
+    implementation of the top-k KL: :func:`topk_divergences` (float64, validated, no grad) and the direct
+    top-k reverse-KL loss (:mod:`tip_verl.verl_adapter.topk_signal`, float32, on the kept rows' logits)
+    both call it; they differ only in how they compute the tails.
+    """
+    ps = ls.exp() if ps is None else ps
+    diff = ls - lt  # log p_s - log p_t on the top-k support
+    log_tail_diff = tail_s.log() - tail_t.log()
+    reverse = (ps * diff).sum(-1) + tail_s * log_tail_diff
+    if not forward:
+        return reverse
+    pt = lt.exp() if pt is None else pt
+    return reverse, -(pt * diff).sum(-1) - tail_t * log_tail_diff
+
+
 def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torch.Tensor | None,
                      student_logprobs_at_ids: torch.Tensor, response_mask: torch.Tensor, *,
                      vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,10 +223,7 @@ def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torc
             duplicated += int((ids[:, 1:] == ids[:, :-1]).any(-1).sum())
         tail_t = (1.0 - mass_t).clamp_min_(TAIL_EPS)
         tail_s = (1.0 - mass_s).clamp_min_(TAIL_EPS)
-        diff = ls.sub_(lt)  # log p_s - log p_t on the top-k support
-        log_tail_diff = tail_s.log() - tail_t.log()
-        rev = (ps * diff).sum(-1) + tail_s * log_tail_diff
-        fwd = -(pt * diff).sum(-1) - tail_t * log_tail_diff
+        rev, fwd = topk_tail_kl(ls, lt, tail_s, tail_t, ps=ps, pt=pt, forward=True)
         reverse[sl] = rev.clamp_min_(0.0).mul_(fm).to(torch.float32)
         forward[sl] = fwd.clamp_min_(0.0).mul_(fm).to(torch.float32)
     if duplicated:

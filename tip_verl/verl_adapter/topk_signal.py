@@ -35,7 +35,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
-from tip_verl.signals import TAIL_EPS
+from tip_verl.signals import TAIL_EPS, topk_tail_kl
 
 TEACHER_TOPK_LOGPROBS = "tip_teacher_topk_logprobs"
 TEACHER_TOPK_IDS = "tip_teacher_topk_ids"
@@ -256,8 +256,9 @@ def topk_reverse_kl_rows(logits: torch.Tensor, labels: torch.Tensor, teacher_log
 
     ``logits`` (K, V) are the kept rows (temperature applied); the teacher's top-k
     ``teacher_logprobs``/``teacher_ids`` are (K, k). Both distributions are collapsed onto the k ids
-    plus one tail bucket, as :func:`tip_verl.signals.topk_divergences` does, so k = V gives the exact
-    KL. Only ``(K,)`` and ``(K, k)`` tensors are added to the logits' own graph.
+    plus one tail bucket by :func:`tip_verl.signals.topk_tail_kl`, as in
+    :func:`tip_verl.signals.topk_divergences`, so k = V gives the exact KL. Only ``(K,)`` and ``(K, k)``
+    tensors are added to the logits' own graph.
     """
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -268,8 +269,7 @@ def topk_reverse_kl_rows(logits: torch.Tensor, labels: torch.Tensor, teacher_log
     # tails: 1 - Σp, computed as -expm1(logsumexp(log p)) (accurate when the top-k holds ~all mass)
     tail_s = (-torch.expm1(torch.logsumexp(ls, dim=-1))).clamp_min(TAIL_EPS)
     tail_t = (-torch.expm1(torch.logsumexp(lt, dim=-1))).clamp_min(TAIL_EPS)
-    reverse = (ps * (ls - lt)).sum(-1) + tail_s * (tail_s.log() - tail_t.log())
-    return reverse, label_logprobs
+    return topk_tail_kl(ls, lt, tail_s, tail_t, ps=ps), label_logprobs
 
 
 def teacher_rows_for_kept(micro_batch, positions: torch.Tensor, seq_index: torch.Tensor):
