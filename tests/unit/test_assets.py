@@ -1,6 +1,7 @@
 """Tests for the tiny asset builder (tokenizer, task data, reward, models, build cache)."""
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import re
@@ -382,7 +383,7 @@ def test_quick_build_cache_hit_and_cli(quick_build, capsys):
     assert paths.manifest.stat().st_mtime_ns == mtime
 
 
-def test_rebuild_on_incomplete_changed_or_forced(tmp_path):
+def test_rebuild_on_incomplete_corrupt_changed_or_forced(tmp_path, capsys):
     out = tmp_path / "assets"
     paths = _tiny_build(out)
     stamp = lambda: paths.manifest.stat().st_mtime_ns  # noqa: E731
@@ -392,6 +393,27 @@ def test_rebuild_on_incomplete_changed_or_forced(tmp_path):
     before = stamp()
     _tiny_build(out)
     assert (paths.teacher / "model.safetensors").is_file() and stamp() != before
+
+    # a corrupted (here: truncated) checkpoint is found by its sha256 and rebuilt, with a message
+    weights = paths.student / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    before = stamp()
+    _tiny_build(out)
+    assert weights.read_bytes() == good and stamp() != before
+    err = capsys.readouterr().err
+    assert "cannot be used: content changed since it was built (sha256 mismatch: student/model.safetensors)" in err, err
+    # a manifest from before content hashes gets them pinned once, from the files as they are (no rebuild)
+    manifest = json.loads(paths.manifest.read_text())
+    pinned = manifest.pop("sha256")
+    assert pinned["teacher/model.safetensors"] == hashlib.sha256(
+        (paths.teacher / "model.safetensors").read_bytes()).hexdigest()
+    assert {"data/train.parquet", "student/config.json", "student/tokenizer.json"} <= set(pinned)
+    paths.manifest.write_text(json.dumps(manifest))
+    weights_mtime = weights.stat().st_mtime_ns
+    _tiny_build(out)
+    assert json.loads(paths.manifest.read_text())["sha256"] == pinned
+    assert weights.stat().st_mtime_ns == weights_mtime
 
     # a different config (or seed) is not reused
     before = stamp()

@@ -143,21 +143,49 @@ def load_manifest(out_dir: Union[str, os.PathLike, None] = None) -> dict:
     return json.loads(AssetPaths.under(resolve_out_dir(out_dir)).manifest.read_text())
 
 
-def _is_complete(paths: AssetPaths, key: dict) -> bool:
+# Files a build must have; the manifest also pins the content (sha256) of every file of the two checkpoints
+# and of the data. reward.py is not pinned: it is refreshed from the package on every use.
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+
+
+def _content_hashes(paths: AssetPaths) -> dict:
+    files = [paths.train_parquet, paths.test_parquet,
+             *(f for role in ("student", "teacher") for f in sorted(getattr(paths, role).rglob("*")) if f.is_file())]
+    return {str(f.relative_to(paths.root)): _sha256(f) for f in files if f.is_file()}
+
+
+def _cache_problem(paths: AssetPaths, key: dict) -> Optional[str]:
+    """Why the build in ``paths`` cannot be reused (None: it can). Checks the build key, that every file is
+    there and that its content matches the sha256 in the manifest (a truncated or corrupted checkpoint in
+    the cache is rebuilt instead of failing every run). A manifest from before content hashes gets them
+    added from the files as they are (once)."""
     try:
         manifest = json.loads(paths.manifest.read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("key") != key:
-        return False
-    needed = [
-        paths.train_parquet,
-        paths.test_parquet,
-        paths.reward_fn,
-        *(paths.student / n for n in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")),
-        *(paths.teacher / n for n in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")),
-    ]
-    return all(p.is_file() for p in needed)
+    except (OSError, ValueError) as e:
+        return f"no readable {MANIFEST_NAME} ({e.__class__.__name__})" if paths.root.exists() else "no build yet"
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return "a different build (config, seed, tokenizer or version)"
+    needed = [paths.train_parquet, paths.test_parquet, paths.reward_fn,
+              *(getattr(paths, role) / n for role in ("student", "teacher") for n in _CHECKPOINT_FILES)]
+    missing = [str(p.relative_to(paths.root)) for p in needed if not p.is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    pinned = manifest.get("sha256")
+    actual = _content_hashes(paths)
+    if pinned is None:  # an older build: pin what is there now
+        manifest["sha256"] = actual
+        tmp = paths.manifest.with_name(f".manifest.json.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, paths.manifest)
+        return None
+    changed = sorted(name for name in pinned if pinned[name] != actual.get(name))  # (files added later: ignored)
+    if changed:
+        return f"content changed since it was built (sha256 mismatch: {', '.join(changed)})"
+    return None
+
+
+def _is_complete(paths: AssetPaths, key: dict) -> bool:
+    return _cache_problem(paths, key) is None
 
 
 def _refresh_reward_copy(paths: AssetPaths) -> None:
@@ -229,9 +257,14 @@ def _build_assets(
     key = _build_key(config, seed)
     log: Callable[[str], None] = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    if not force and _is_complete(paths, key):
+    problem = None if force else _cache_problem(paths, key)
+    if problem is None and not force:
         _refresh_reward_copy(paths)
         return paths
+    if problem is not None and problem.startswith("content changed"):
+        # Always said, even when quiet: a corrupted cache costs a rebuild (about 2.5 minutes).
+        print(f"tip_verl.assets: the cached build in {out} cannot be used: {problem}; rebuilding it",
+              file=sys.stderr, flush=True)
 
     with _file_lock(out.parent / f".{out.name}.lock"):
         # Someone else may have finished the same build while we waited for the lock.
@@ -372,6 +405,7 @@ def _build_into(paths: AssetPaths, *, key: dict, config: BuildConfig, seed: int,
         },
         "accuracy": {role: results[role]["accuracy"] for role in ("student", "teacher")},
         "models": results,
+        "sha256": _content_hashes(paths),
         "build_seconds": round(time.time() - t_start, 2),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
