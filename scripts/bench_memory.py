@@ -695,26 +695,35 @@ COMPARE_LABELS = {"baseline": "verl default", "baseline_fused": "verl use_fused_
 
 
 def compare_reports(args, runs: list[dict], out: Path) -> None:
+    """Table, CSV and PNG of a --compare run; a partial run (a crash, a stopped run) gets n/a and a note."""
     by = {(r["config"], r["ratio"]): r for r in runs}
-    base = next(r for r in runs if r["config"] == "baseline")
-    fused = next(r for r in runs if r["config"] == "baseline_fused")
-    floor = next(r for r in runs if r["config"] == "floor")
+    base = next((r for r in runs if r["config"] == "baseline"), None)
+    fused = next((r for r in runs if r["config"] == "baseline_fused"), None)
+    floor = next((r for r in runs if r["config"] == "floor"), None)
     gib = lambda b: b / 2**30  # noqa: E731
 
     def targets(r) -> str:
         if r["config"] != "tip":
             return ""
         marks = []
+
+        def check(text, ref, ok):
+            marks.append(f"{text}: " + ("n/a" if ref is None else ("met" if ok() else "MISSED")))
+
         if abs(r["ratio"] - 1.0) < 1e-9:
-            ok = r["peak_bytes"] <= fused["peak_bytes"]
-            marks.append(f"delta <= verl fused: {'met' if ok else 'MISSED'}")
+            check("delta <= verl fused", fused, lambda: r["peak_bytes"] <= fused["peak_bytes"])
         if abs(r["ratio"] - 0.2) < 1e-9:
-            ok = r["peak_bytes"] <= 0.25 * base["peak_bytes"]
-            marks.append(f"delta <= 0.25 x verl default: {'met' if ok else 'MISSED'}")
+            check("delta <= 0.25 x verl default", base, lambda: r["peak_bytes"] <= 0.25 * base["peak_bytes"])
         if r["ratio"] <= 0.2 + 1e-9:
-            ok = r["process_peak_bytes"] <= 1.1 * floor["process_peak_bytes"]
-            marks.append(f"process peak <= 1.1 x floor: {'met' if ok else 'MISSED'}")
+            check("process peak <= 1.1 x floor", floor,
+                  lambda: r["process_peak_bytes"] <= 1.1 * floor["process_peak_bytes"])
         return "; ".join(marks)
+
+    def ratio_to(r, ref, key):
+        return None if ref is None else r[key] / ref[key]
+
+    def fmt(x, digits=3):
+        return "n/a" if x is None else f"{x:.{digits}f}"
 
     setup = (f"{args.device}, {args.dtype}, Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
              f"{', tied' if args.tied else ''}, {args.batch} x ({args.prompt_len} prompt + {args.response_len} response)"
@@ -728,27 +737,32 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
     ]
     order = ["baseline", "baseline_fused"]
     ratios = sorted({r["ratio"] for r in runs if r["config"].startswith("tip")}, reverse=True)
-    rows = [by[(c, base["ratio"] if c == "baseline" else fused["ratio"])] for c in order]
+    rows = [ref for ref in (base, fused) if ref is not None]
     rows += [by[(c, ratio)] for ratio in ratios for c in ("tip_gather", "tip", "tip_fused") if (c, ratio) in by]
-    rows.append(floor)
+    rows += [floor] if floor is not None else []
+    planned = [("verl default", base is not None), ("verl use_fused_kernels", fused is not None)]
+    for ratio in [float(x) for x in str(args.ratios).split(",") if x.strip()]:
+        planned += [(f"{COMPARE_LABELS[c]} at {ratio:g}", (c, ratio) in by) for c in ("tip_gather", "tip", "tip_fused")]
+    planned.append(("floor", floor is not None))
+    missing = [name for name, done in planned if not done]
     csv_rows = []
     for r in rows:
         ratio = "any" if r["config"].startswith("baseline") else f"{r['ratio']:.2f}"
         if r["config"] == "floor":
             ratio = f"1/{args.response_len}"
         vals = {
-            "delta": gib(r["peak_bytes"]), "delta_default": r["peak_bytes"] / base["peak_bytes"],
-            "delta_fused": r["peak_bytes"] / fused["peak_bytes"], "proc": gib(r["process_peak_bytes"]),
-            "proc_floor": r["process_peak_bytes"] / floor["process_peak_bytes"], "wall": r["seconds"],
-            "wall_default": r["seconds"] / base["seconds"], "wall_fused": r["seconds"] / fused["seconds"],
-            "cpu": r["cpu_seconds"], "cpu_default": r["cpu_seconds"] / base["cpu_seconds"],
-            "cpu_fused": r["cpu_seconds"] / fused["cpu_seconds"],
+            "delta": gib(r["peak_bytes"]), "delta_default": ratio_to(r, base, "peak_bytes"),
+            "delta_fused": ratio_to(r, fused, "peak_bytes"), "proc": gib(r["process_peak_bytes"]),
+            "proc_floor": ratio_to(r, floor, "process_peak_bytes"), "wall": r["seconds"],
+            "wall_default": ratio_to(r, base, "seconds"), "wall_fused": ratio_to(r, fused, "seconds"),
+            "cpu": r["cpu_seconds"], "cpu_default": ratio_to(r, base, "cpu_seconds"),
+            "cpu_fused": ratio_to(r, fused, "cpu_seconds"),
         }
         lines.append(
             f"| {COMPARE_LABELS[r['config']]} | {ratio} | {r['kept_tokens']} | {vals['delta']:.3f} | "
-            f"{vals['delta_default']:.3f} | {vals['delta_fused']:.3f} | {vals['proc']:.3f} | {vals['proc_floor']:.3f} | "
-            f"{vals['wall']:.2f} | {vals['wall_default']:.3f} | {vals['wall_fused']:.3f} | {vals['cpu']:.2f} | "
-            f"{vals['cpu_default']:.3f} | {vals['cpu_fused']:.3f} | {targets(r)} |")
+            f"{fmt(vals['delta_default'])} | {fmt(vals['delta_fused'])} | {vals['proc']:.3f} | {fmt(vals['proc_floor'])} | "
+            f"{vals['wall']:.2f} | {fmt(vals['wall_default'])} | {fmt(vals['wall_fused'])} | {vals['cpu']:.2f} | "
+            f"{fmt(vals['cpu_default'])} | {fmt(vals['cpu_fused'])} | {targets(r)} |")
         csv_rows.append({"config": r["config"], "keep_ratio": r["ratio"], "kept_tokens": r["kept_tokens"], **vals,
                          "targets": targets(r), "engine": r["engine"]})
     notes = [
@@ -758,6 +772,7 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
             "runtime)." if args.device == "cpu" else
             "`torch.cuda.max_memory_allocated()` during `update_actor` minus the allocation before it; process peak: "
             "the allocation peak itself."),
+        *([f"Partial run: not measured: {', '.join(missing)}."] if missing else []),
         "Floor: the default tip_verl path with one kept token per sequence, measured in the same run. "
         "Step time: fastest of the timed steps (run without the memory probes), wall clock and process CPU time.",
         "",
@@ -790,6 +805,8 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
                 for b, y in zip(bars, ys):
                     ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
             for name, rec, color, style in refs:
+                if rec is None:
+                    continue
                 ax.axhline(gib(rec[key]), color=color, ls=style, lw=1, label=f"{name} {gib(rec[key]):.2f}")
             ax.set_xticks(range(len(ratios)), [f"rho={r:g}" for r in ratios])
             ax.set_title(title)
