@@ -40,7 +40,7 @@ setup(
         "verl.plugins": ["tip_verl = tip_verl.verl_adapter.plugin"],
         "console_scripts": [
             "tip-verl-build-assets = tip_verl.assets.cli:main",
-            "tip-verl-report = tip_verl.report:main",
+            "tip-verl-report = tip_verl.analysis.cli:main",
         ],
     },
 )

@@ -51,12 +51,12 @@ def test_opd_with_tip_three_steps(tiny_assets, tmp_path):
 
     # token records of step 2 (records_every=2), readable by the report tool
     records_dir = tmp_path / "checkpoints" / "tip_records"
-    from tip_verl.records import read_records
+    from tip_verl.analysis.records import read_records
 
     rows = read_records(records_dir)
     assert set(rows["step"]) == {2} and 0 < len(rows) <= 64
     assert rows["kept"].any() and set(rows["quadrant"]) <= {1, 2, 3, 4}
-    report = subprocess.run([sys.executable, "-m", "tip_verl.report", str(records_dir), "--tokenizer",
+    report = subprocess.run([sys.executable, "-m", "tip_verl.analysis.cli", str(records_dir), "--tokenizer",
                              str(tiny_assets.student), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     assert sorted(p.name for p in (records_dir / "report").glob("*.png"))

@@ -38,7 +38,7 @@ def test_ref_teacher_topk_signal_with_direct_topk_loss(tiny_assets, tmp_path):
         assert "actor/pg_loss" not in m
     assert "teacher_signal': 'topk'" in out
     # token records carry the forward KL and both models' top choices (Appendix B.4 view)
-    from tip_verl.records import read_records
+    from tip_verl.analysis.records import read_records
 
     rows = read_records(tmp_path / "checkpoints" / "tip_records")
     assert set(rows["step"]) == {2} and len(rows) > 0

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tip_verl import TIPConfig, quadrant_stats, select_for_batch
-from tip_verl.records import (COLUMNS, TOP_COLUMNS, TokenRecordWriter, check_writable_dir, read_quadrant_shares,
-                              read_records, read_thresholds, record_path)
+from tip_verl.analysis.records import (COLUMNS, TOP_COLUMNS, TokenRecordWriter, check_writable_dir,
+                                       read_quadrant_shares, read_records, read_thresholds, record_path)
 from tip_verl.taxonomy import resolve_thresholds
 
 VOCAB = 50

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tip_verl import TIPConfig, select_for_batch
-from tip_verl.records import TokenRecordWriter, read_quadrant_shares, read_records
-from tip_verl.report import QUADRANT_LABELS, main
+from tip_verl.analysis.records import TokenRecordWriter, read_quadrant_shares, read_records
+from tip_verl.analysis.cli import main
+from tip_verl.analysis.report import QUADRANT_LABELS
 
 VOCAB = 50
 CFG = TIPConfig(method="soft_or", ratio=0.5)
@@ -119,9 +120,9 @@ def test_shares_are_estimated_from_the_samples_without_the_csv(records, tmp_path
 def test_directory_without_records_exits_2_with_a_message(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    # `python -m tip_verl.report DIR`, checking afterwards that verl was never imported
+    # `python -m tip_verl.analysis.cli DIR`, checking afterwards that verl was never imported
     code = ("import runpy, sys\n"
-            "try:\n    runpy.run_module('tip_verl.report', run_name='__main__', alter_sys=True)\n"
+            "try:\n    runpy.run_module('tip_verl.analysis.cli', run_name='__main__', alter_sys=True)\n"
             "finally:\n    assert not [m for m in sys.modules if m.split('.')[0] == 'verl'], 'verl imported'\n")
     proc = subprocess.run([sys.executable, "-c", code, str(empty)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -234,7 +235,7 @@ def test_truncated_records_file_is_skipped_with_a_warning(records, tmp_path, cap
 
 
 def test_failed_figure_write_removes_the_folders_it_created(records, tmp_path, capsys, monkeypatch):
-    import tip_verl.report as report
+    import tip_verl.analysis.report as report
 
     def disk_full(path, *args, **kwargs):
         path.write_bytes(b"partial")

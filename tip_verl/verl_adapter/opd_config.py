@@ -58,7 +58,7 @@ class TIPRunConfig:
     teacher_signal: str = "sampled"
     topk_k: int = 64
     loss: str = "pg"
-    #: Token records (tip_verl.records): every N steps a sample of per-token rows; 0 = off.
+    #: Token records (tip_verl.analysis.records): every N steps a sample of per-token rows; 0 = off.
     records_every: int = 0
     records_max_rows: int = 2000
     records_dir: str | None = None  # default: <trainer.default_local_dir>/tip_records
@@ -256,7 +256,7 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     run = TIPRunConfig.from_mapping(_get(config, "tip"), teacher_server=server)
     default_local_dir = _get(config, "trainer.default_local_dir")
     if run.records_every > 0 and (run.records_dir or default_local_dir):
-        from tip_verl.records import check_writable_dir  # pandas/pyarrow: only when records are on
+        from tip_verl.analysis.records import check_writable_dir  # pandas/pyarrow: only when records are on
 
         records_dir = run.records_path(default_local_dir)
         try:

@@ -28,7 +28,7 @@ from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
-from tip_verl.records import TokenRecordWriter
+from tip_verl.analysis.records import TokenRecordWriter
 
 from . import topk_signal
 from .opd import opd_step

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ._checks import as_mask, check_int
+from .._checks import as_mask, check_int
 
 __all__ = [
     "COLUMNS",
