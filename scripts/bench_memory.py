@@ -105,6 +105,9 @@ def parse_args(argv=None):
                         "and hide part of the step's peak)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     p.add_argument("--from-raw", help="only rebuild the CSV / markdown / PNG from a bench_memory_raw.json")
+    p.add_argument("--resume", default=None,
+                   help="--compare: keep the records of this bench_memory_compare_raw.json of a stopped run with the "
+                        "same settings and run only the missing configurations")
     p.add_argument("--compare", action="store_true",
                    help="issue 12: verl default, verl fused kernels, tip gather-first / default (chunked) / on fused "
                         "at every ratio, and the floor (one kept token per sequence), in one run (needs --tied)")
@@ -670,14 +673,30 @@ def compare_main(args, out: Path) -> int:
             raise SystemExit("bench_memory.py: error: --compare needs --tied (verl's fused kernels under FSDP2)")
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
         floor_ratio = 1.0 / args.response_len  # one kept token per sequence
-        plan = [("baseline", min(ratios)), ("baseline_fused", min(ratios))]
-        plan += [(mode, r) for r in ratios for mode in ("tip_gather", "tip", "tip_fused")]
-        plan.append(("floor", floor_ratio))
+        # the configurations the targets read first, so a stopped run still answers them
+        plan = [("baseline", min(ratios)), ("baseline_fused", min(ratios)), ("floor", floor_ratio)]
+        first = [r for r in (0.2, 1.0) if r in ratios]
+        plan += [("tip", r) for r in first]
+        plan += [(mode, r) for r in first + [r for r in ratios if r not in first]
+                 for mode in ("tip_gather", "tip", "tip_fused") if (mode, r) not in plan]
         runs = []
+        if args.resume:  # an earlier, stopped run of the same command: keep its records, run the rest
+            earlier = json.loads(Path(args.resume).read_text())
+            same = ("hidden", "layers", "vocab", "tied", "prompt_len", "response_len", "batch", "dtype", "seed",
+                    "threads", "steps", "no_gradient_checkpointing", "no_remove_padding", "attn", "ratios")
+            diff = [k for k in same if earlier["args"].get(k) != getattr(args, k)]
+            if diff:
+                raise SystemExit(f"bench_memory.py: error: --resume {args.resume}: different settings {diff}")
+            runs = list(earlier["compare"])
+            for rec in runs:
+                rec.setdefault("resumed_from", str(args.resume))
+        done = {(rec["config"], rec["ratio"]) for rec in runs}
         with tempfile.TemporaryDirectory(prefix="tip_bench_") as tmp:
             work = Path(tmp)
             model_dir = build_model(work / "model", args)
             for mode, r in plan:
+                if (mode, r) in done:
+                    continue
                 rec = run_config(args, "tip" if mode == "floor" else mode, r, model_dir, work)
                 rec["config"] = mode
                 runs.append(rec)
