@@ -1,7 +1,13 @@
 """tip_verl: Token Importance in on-Policy distillation (TIP) for verl.
 
-This top-level package is the pure-torch core (signals, scores, selection, taxonomy, config,
-pipeline). It never imports verl; the verl integration lives in ``tip_verl.verl_adapter``.
+This package is the method in pure torch: signals (``signals``), the selection rules (``scoring``, one
+registry), top-ρ and sampling (``selection``), the quadrant taxonomy (``taxonomy``), ``TIPConfig``
+(``config``), one call per batch (``pipeline.select_for_batch``) and the kept-row lm_head
+(``kept_logprobs``). Importing it imports torch and nothing else; none of these modules imports verl.
+
+Subpackages: ``tip_verl.verl_adapter`` (the verl integration; imports verl), ``tip_verl.analysis``
+(token records and the report; needs pandas, pyarrow, matplotlib), ``tip_verl.assets`` (tiny built-in
+models and task; needs transformers) and ``tip_verl.tools`` (math data and evaluation; uses verl's scorer).
 """
 
 from .config import METHODS, TIPConfig
