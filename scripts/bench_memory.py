@@ -45,7 +45,6 @@ import csv
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -201,21 +200,18 @@ def update_batch(args, keep):
         },
         batch_size=B,
     )
-    tu.assign_non_tensor(
-        td, temperature=1.0, calculate_entropy=False, distillation_use_topk=False, distillation_only=False,
-        global_batch_size=B, mini_batch_size=B, epochs=1, seed=args.seed, dataloader_kwargs={"shuffle": False},
-        compute_loss=True, multi_turn=False,
-    )
+    from tip_verl.verl_adapter.local_workers import update_meta
+
+    tu.assign_non_tensor(td, **update_meta(B, seed=args.seed, compute_loss=True, multi_turn=False))
     return td
 
 
 def actor_config(args, model_dir: str):
-    import verl
-    from hydra import compose, initialize_config_dir
+    from tip_verl.verl_adapter.cpu_overrides import fsdp2_engine_overrides
+    from tip_verl.verl_adapter.local_workers import compose_ppo_config
 
     fused = MODE_SETUP[args.mode][1] if getattr(args, "mode", None) else False
 
-    mp = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
     B, L = args.batch, args.prompt_len + args.response_len
     overrides = [
         f"actor_rollout_ref.model.path={model_dir}",
@@ -225,11 +221,7 @@ def actor_config(args, model_dir: str):
         "actor_rollout_ref.model.fused_kernel_options.impl_backend=torch",
         f"+actor_rollout_ref.model.override_config.attn_implementation={args.attn}",
         "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
-        f"actor_rollout_ref.actor.fsdp_config.model_dtype={args.dtype}",
-        f"+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype={mp}",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+        *fsdp2_engine_overrides("actor", model_dtype=args.dtype),
         "actor_rollout_ref.actor.use_torch_compile=False",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={B}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={B}",
@@ -244,9 +236,7 @@ def actor_config(args, model_dir: str):
         f"trainer.device={args.device}",
         "trainer.n_gpus_per_node=1",
     ]
-    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer/config")
-    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides).actor_rollout_ref
+    return compose_ppo_config(overrides).actor_rollout_ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,9 +322,9 @@ class RSSSampler:
 # one configuration (child process)
 # ---------------------------------------------------------------------------------------------
 def run_worker(args) -> dict:
-    port = _free_port()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    from tip_verl.verl_adapter.local_workers import world_of_one_env
+
+    os.environ.update(world_of_one_env(), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.device == "cpu":
         os.environ["VERL_PLATFORM"] = "cpu"
         from tip_verl.verl_adapter.cpu import register
@@ -542,12 +532,6 @@ def _summarise_timeline(src: Path, dst: Path) -> None:
         lines.append(f"  {name:16s} {at_peak / 2**30:8.3f} GiB at peak   (start {at_start / 2**30:8.3f} GiB)")
     dst.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,26 +9,21 @@ layout converted by verl's ``left_right_2_no_padding``.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Optional, Sequence
 
 import torch
 
+from tip_verl.verl_adapter.cpu_overrides import fsdp2_engine_overrides
+from tip_verl.verl_adapter.local_workers import compose_ppo_config, free_port, update_meta, world_of_one_env
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["actor_config", "build_tiny_qwen2", "free_port", "random_rollout", "setup_cpu_verl", "single_process_env",
+           "update_batch"]
 
 
 def single_process_env(port: Optional[int] = None) -> dict[str, str]:
     """Environment of a one-rank torch.distributed job on the CPU platform (set it before importing verl)."""
     return {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port or free_port()),
+        **world_of_one_env(port),
         "VERL_PLATFORM": "cpu",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
@@ -108,21 +103,13 @@ def actor_config(model_path: str, overrides: Sequence[str] = ()):
 
     ``overrides`` (hydra syntax) replace the defaults below that set the same key.
     """
-    import verl
-    from hydra import compose, initialize_config_dir
-
-    cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer/config")
     base = [
         f"actor_rollout_ref.model.path={model_path}",
         "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.model.enable_gradient_checkpointing=False",
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
-        "actor_rollout_ref.actor.fsdp_config.model_dtype=float32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
+        *fsdp2_engine_overrides("actor", model_dtype="float32"),
         "actor_rollout_ref.actor.use_torch_compile=False",
         "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -142,9 +129,7 @@ def actor_config(model_path: str, overrides: Sequence[str] = ()):
 
     overridden = {key(o) for o in overrides}
     base = [o for o in base if key(o) not in overridden]
-    with initialize_config_dir(config_dir=cfg_dir, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=base + list(overrides))
-    return cfg.actor_rollout_ref
+    return compose_ppo_config(base + list(overrides)).actor_rollout_ref
 
 
 def random_rollout(
@@ -241,19 +226,6 @@ def update_batch(
         raise ValueError(layout)
     if empty_multi_modal_inputs:
         tu.assign_non_tensor_stack(td, "multi_modal_inputs", [{} for _ in range(bsz)])
-    tu.assign_non_tensor(
-        td,
-        temperature=temperature,
-        calculate_entropy=calculate_entropy,
-        distillation_use_topk=False,
-        distillation_only=False,
-        global_batch_size=bsz,
-        mini_batch_size=bsz,
-        epochs=1,
-        seed=seed,
-        dataloader_kwargs={"shuffle": False},
-        compute_loss=True,
-        multi_turn=False,
-        **meta,
-    )
+    tu.assign_non_tensor(td, **update_meta(bsz, seed=seed, temperature=temperature, calculate_entropy=calculate_entropy,
+                                           compute_loss=True, multi_turn=False, **meta))
     return td

@@ -55,6 +55,29 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
+#: verl's short names of the FSDP mixed-precision dtypes
+_MP_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+
+
+def fsdp2_engine_overrides(role: str = "actor", *, model_dtype: str = "fp32") -> list[str]:
+    """Hydra overrides of one FSDP2 engine computing in ``model_dtype`` (parameters), reductions in float32.
+
+    Without an explicit mixed_precision block verl's FSDP engine computes in bf16
+    (verl/workers/engine/fsdp/transformer_impl.py:397 param_dtype=torch.bfloat16 feeds FSDP2's
+    MixedPrecisionPolicy and torch.autocast), whatever model_dtype says. FSDP2: FSDP1 needs an accelerator.
+    Shared by :func:`cpu_overrides`, the single-process harness (:mod:`.local_workers`), the tests and the
+    benchmarks.
+    """
+    fsdp = f"actor_rollout_ref.{role}.fsdp_config"
+    return [
+        f"{fsdp}.strategy=fsdp2",
+        f"{fsdp}.model_dtype={model_dtype}",
+        f"+{fsdp}.mixed_precision.param_dtype={_MP_NAMES[model_dtype]}",
+        f"+{fsdp}.mixed_precision.reduce_dtype=fp32",
+        f"+{fsdp}.mixed_precision.buffer_dtype=fp32",
+    ]
+
+
 def cpu_overrides(
     *,
     worker_slots: int = 8,
@@ -98,19 +121,9 @@ def cpu_overrides(
         "actor_rollout_ref.ref.strategy=fsdp2",
     ]
     for role in ("actor", "ref"):
-        fsdp = f"actor_rollout_ref.{role}.fsdp_config"
-        o += [
-            f"{fsdp}.strategy=fsdp2",
-            f"{fsdp}.model_dtype=fp32",
-            # Without an explicit mixed_precision block verl's FSDP engine computes in bf16
-            # (verl/workers/engine/fsdp/transformer_impl.py:397 param_dtype=torch.bfloat16 feeds
-            # FSDP2's MixedPrecisionPolicy and torch.autocast), whatever model_dtype says.
-            f"+{fsdp}.mixed_precision.param_dtype=fp32",
-            f"+{fsdp}.mixed_precision.reduce_dtype=fp32",
-            f"+{fsdp}.mixed_precision.buffer_dtype=fp32",
-            # torch.compile of the entropy kernel would JIT-compile C++ on the host at start-up
-            f"{fsdp}.use_torch_compile=False",
-        ]
+        o += fsdp2_engine_overrides(role, model_dtype="fp32")
+        # torch.compile of the entropy kernel would JIT-compile C++ on the host at start-up
+        o.append(f"actor_rollout_ref.{role}.fsdp_config.use_torch_compile=False")
     o += [
         "actor_rollout_ref.actor.use_torch_compile=False",
         # --- rollout: Hugging Face generate server (tip_verl.verl_adapter.cpu.hf_rollout)

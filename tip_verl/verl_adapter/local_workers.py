@@ -24,6 +24,12 @@ Batches are padded ``TensorDict`` s in verl's rollout layout (``prompts`` [B, P]
 ``responses`` / ``response_mask`` / ``rollout_log_probs`` [B, R] right-padded, ``input_ids`` /
 ``attention_mask`` / ``position_ids`` [B, P + R]); they are converted with verl's
 ``left_right_2_no_padding`` for every call, and results come back as ``[B, R]`` via :func:`padded`.
+
+The pieces are the project's one single-process harness, also used by the tests' tiny models
+(``tests/unit/_tiny_models.py``) and the benchmarks (``scripts/bench_memory.py``): :func:`free_port`,
+:func:`world_of_one_env` / :func:`ensure_world_of_one`, :func:`compose_ppo_config` (verl's own Hydra config),
+:func:`update_meta` (the meta-data of an ``update_actor`` batch) and, for the engines,
+:func:`tip_verl.verl_adapter.cpu_overrides.fsdp2_engine_overrides`.
 """
 
 from __future__ import annotations
@@ -82,33 +88,56 @@ def ensure_cpu_platform() -> None:
         )
 
 
-def _ensure_world_of_one() -> None:
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+def world_of_one_env(port: Optional[int] = None) -> dict[str, str]:
+    """The environment of a one-rank ``torch.distributed`` job on this host (a free port by default)."""
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port or free_port()),
+    }
 
 
-def compose_config(model_path: str, overrides: Sequence[str] = ()):
-    """verl's ``ppo_trainer`` config with the CPU overrides, local defaults, model path and ``overrides``."""
+def ensure_world_of_one() -> None:
+    """Make this process a world of one (values already set win; a free port only if none is set)."""
+    for key, value in world_of_one_env(port=int(os.environ.get("MASTER_PORT", 0)) or None).items():
+        os.environ.setdefault(key, value)
+
+
+def compose_ppo_config(overrides: Sequence[str]):
+    """verl's own ``ppo_trainer`` Hydra config with ``overrides`` (later ones win)."""
     import verl
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    all_overrides = [
-        *cpu_overrides(),
-        *_LOCAL_DEFAULTS,
-        f"actor_rollout_ref.model.path={model_path}",
-        *overrides,
-    ]
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=all_overrides)
+        return compose(config_name="ppo_trainer", overrides=list(overrides))
+
+
+def compose_config(model_path: str, overrides: Sequence[str] = ()):
+    """verl's ``ppo_trainer`` config with the CPU overrides, local defaults, model path and ``overrides``."""
+    return compose_ppo_config([*cpu_overrides(), *_LOCAL_DEFAULTS, f"actor_rollout_ref.model.path={model_path}",
+                               *overrides])
+
+
+def update_meta(batch_size: int, *, seed: int, temperature: float = 1.0, calculate_entropy: bool = False,
+                mini_batch_size: Optional[int] = None, epochs: int = 1, **extra: Any) -> dict[str, Any]:
+    """The non-tensor meta-data verl's V1 trainer attaches to an ``update_actor`` batch (``_update_actor``).
+
+    One (mini-)batch of ``mini_batch_size`` (default: the whole batch), no shuffling, no distillation;
+    ``extra`` adds or replaces entries (``micro_batch_size_per_gpu``, ``compute_loss``, ...).
+    """
+    mbs = batch_size if mini_batch_size is None else mini_batch_size
+    meta = dict(temperature=temperature, calculate_entropy=calculate_entropy, distillation_use_topk=False,
+                distillation_only=False, global_batch_size=mbs, mini_batch_size=mbs, epochs=epochs, seed=seed,
+                dataloader_kwargs={"shuffle": False})
+    meta.update(extra)
+    return meta
 
 
 def padded(tensor: torch.Tensor, batch_nopad) -> torch.Tensor:
@@ -366,16 +395,9 @@ class LocalWorkers:
         for key, value in (extra_fields or {}).items():
             data[key] = value
         mbs = B if mini_batch_size is None else mini_batch_size
-        info = dict(
-            calculate_entropy=bool(arr.actor.calculate_entropy or arr.actor.entropy_coeff != 0.0),
-            distillation_use_topk=False,
-            distillation_only=False,
-            global_batch_size=mbs,
-            mini_batch_size=mbs,
-            epochs=epochs,
-            seed=int(arr.actor.data_loader_seed),
-            dataloader_kwargs={"shuffle": False},
-            temperature=self.temperature,
+        info = update_meta(
+            B, seed=int(arr.actor.data_loader_seed), temperature=self.temperature, mini_batch_size=mbs,
+            epochs=epochs, calculate_entropy=bool(arr.actor.calculate_entropy or arr.actor.entropy_coeff != 0.0),
             micro_batch_size_per_gpu=self._micro(mbs, arr.actor.ppo_micro_batch_size_per_gpu),
         )
         if teacher_topk is not None:
@@ -421,7 +443,7 @@ def build_local_workers(
             ``topk_reverse_kl``), as ``+tip.loss`` sets it in tip_sync.
     """
     ensure_cpu_platform()
-    _ensure_world_of_one()
+    ensure_world_of_one()
     if model_path is None:
         from tip_verl.assets import build_assets
 
