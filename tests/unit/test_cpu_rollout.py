@@ -46,7 +46,7 @@ def student(tiny_assets):
 
 @pytest.fixture(scope="module")
 def server(student, loop):
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     return HFRolloutServer(_rollout_config(), student)
 
@@ -157,7 +157,7 @@ def test_logprobs_are_the_sampling_distribution(loop, server, prompt_ids, hf_mod
 
 
 def test_raw_logprobs_mode(loop, student, prompt_ids, hf_model):
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     raw = HFRolloutServer(_rollout_config(logprobs_mode="raw_logprobs"), student)
     p = prompt_ids[2]
@@ -225,7 +225,7 @@ def test_concurrent_requests_are_batched_and_exact(loop, server, prompt_ids):
 
 
 def test_weight_update_changes_the_output_distribution(loop, student, prompt_ids):
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     srv = HFRolloutServer(_rollout_config(), student)
     p = prompt_ids[0]
@@ -261,7 +261,7 @@ def test_abort_and_resume(loop, server, prompt_ids):
 
 
 def test_abort_stops_a_running_generation(loop, student, prompt_ids):
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     srv = HFRolloutServer(_rollout_config(response_length=1024), student)
 
@@ -386,7 +386,7 @@ def test_any_import_order_registers_cleanly(first_import):
 
 def test_rollout_seed_makes_unseeded_sampling_reproducible(loop, student, prompt_ids):
     """actor_rollout_ref.rollout.seed seeds the server (verl's agent loop sends no per-request seed)."""
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     def sample(seed):
         srv = HFRolloutServer(_rollout_config(seed=seed), student)
@@ -401,7 +401,7 @@ def test_rollout_seed_makes_unseeded_sampling_reproducible(loop, student, prompt
 def test_samples_do_not_depend_on_batch_or_arrival_order(loop, student, prompt_ids):
     """Per-request generators: the k-th request for a prompt gets the same samples whichever other requests
     share its batch and in whichever order they arrive (verl's agent loop sends no per-request seed)."""
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     # a high temperature: the trained student's first tokens are near-deterministic at T=1
     params = {"temperature": 3.0, "max_tokens": RESPONSE_LENGTH, "logprobs": True, "ignore_eos": True}
@@ -435,7 +435,7 @@ def test_samples_do_not_depend_on_batch_or_arrival_order(loop, student, prompt_i
 
 
 def test_per_request_seed_overrides_the_server_seed(loop, student, prompt_ids):
-    from tip_verl.verl_adapter.cpu.hf_rollout import HFRolloutServer
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
     outs = []
     for server_seed in (1, 2):

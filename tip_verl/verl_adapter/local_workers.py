@@ -205,9 +205,9 @@ class LocalWorkers:
 
     # ------------------------------------------------------------------ batches
     def generator(self):
-        """An :class:`~tip_verl.verl_adapter.cpu.hf_rollout.HFGenerator` on the actor's checkpoint."""
+        """An :class:`~tip_verl.verl_adapter.cpu.hf_generator.HFGenerator` on the actor's checkpoint."""
         if self._generator is None:
-            from tip_verl.verl_adapter.cpu.hf_rollout import HFGenerator
+            from tip_verl.verl_adapter.cpu.hf_generator import HFGenerator
 
             self._generator = HFGenerator(self.model_path, dtype=torch.float32)
         return self._generator
@@ -247,7 +247,7 @@ class LocalWorkers:
         """
         from tensordict import TensorDict
 
-        from tip_verl.verl_adapter.cpu.hf_rollout import parse_sampling_params
+        from tip_verl.verl_adapter.cpu.hf_sampling import parse_sampling_params
 
         prompt_ids = [self.encode_prompt(p) for p in prompts]
         gen = self.generator()
