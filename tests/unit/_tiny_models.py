@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tip_verl.verl_adapter.cpu_overrides import fsdp2_engine_overrides
+from tip_verl.verl_adapter.cpu_overrides import cpu_env, fsdp2_engine_overrides
 from tip_verl.verl_adapter.local_workers import compose_ppo_config, free_port, update_meta, world_of_one_env
 
 __all__ = ["actor_config", "build_tiny_qwen2", "free_port", "random_rollout", "setup_cpu_verl", "single_process_env",
@@ -22,13 +22,7 @@ __all__ = ["actor_config", "build_tiny_qwen2", "free_port", "random_rollout", "s
 
 def single_process_env(port: Optional[int] = None) -> dict[str, str]:
     """Environment of a one-rank torch.distributed job on the CPU platform (set it before importing verl)."""
-    return {
-        **world_of_one_env(port),
-        "VERL_PLATFORM": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    return {**world_of_one_env(port), **cpu_env()}
 
 
 def setup_cpu_verl(port: Optional[int] = None) -> None:
