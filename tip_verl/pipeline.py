@@ -11,7 +11,7 @@ import torch
 from ._checks import as_mask, check_generator, check_vocab_size, prepare, push_masked, require_tensor, row_counts
 from .config import TIPConfig
 from .scoring import RULES, ScoreInputs
-from .selection import sample_tokens, select_tokens
+from .selection import sample_prepared, top_rho
 from .signals import normalized_entropy, sampled_token_divergence, topk_divergences
 from .taxonomy import quadrant_codes, quadrant_stats, resolve_thresholds
 
@@ -124,8 +124,8 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
     scores = rule.score(inputs)
     loss_weights = None
     if rule.keep == "sample":
-        sampled = sample_tokens(scores, mask, config.ratio, generator=generator, mode=config.sampling_mode,
-                                scope=config.selection_scope)
+        sampled = sample_prepared(scores, mask, config.ratio, generator=generator, mode=config.sampling_mode,
+                                  scope=config.selection_scope)
         keep = sampled.keep_mask
         if config.importance_weighting:
             pi = sampled.inclusion_prob
@@ -135,7 +135,7 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
     elif rule.keep == "all":
         keep = mask.clone()
     else:
-        keep = select_tokens(scores, mask, config.ratio, scope=config.selection_scope, invert=config.invert)
+        keep = top_rho(scores, mask, config.ratio, scope=config.selection_scope, invert=config.invert)
 
     te, td = resolve_thresholds(h, delta, mask, entropy_threshold=config.entropy_threshold,
                                 divergence_threshold=config.divergence_threshold, threshold_mode=config.threshold_mode)

@@ -14,7 +14,7 @@ import torch
 from ._checks import (as_mask, check_choice, check_generator, check_ratio, keep_counts, prepare, push_masked,
                       row_counts, uniform)
 
-__all__ = ["SELECTION_SCOPES", "SAMPLING_MODES", "SampledTokens", "select_tokens", "sample_tokens"]
+__all__ = ["SELECTION_SCOPES", "SAMPLING_MODES", "SampledTokens", "sample_prepared", "sample_tokens", "select_tokens", "top_rho"]
 
 SELECTION_SCOPES = ("sequence", "batch")
 SAMPLING_MODES = ("without_replacement", "poisson")
@@ -93,7 +93,11 @@ def select_tokens(scores: torch.Tensor, response_mask: torch.Tensor, ratio: floa
     if not isinstance(invert, bool):
         raise TypeError(f"invert must be a bool, got {type(invert).__name__}")
     mask = as_mask(response_mask, scores, "scores", ndim=2)
-    s = prepare("scores", scores, mask)
+    return top_rho(prepare("scores", scores, mask), mask, r, scope=scope, invert=invert)
+
+
+def top_rho(s: torch.Tensor, mask: torch.Tensor, r: float, *, scope: str, invert: bool) -> torch.Tensor:
+    """:func:`select_tokens` on prepared inputs (finite float32 scores, bool mask, checked ratio and scope)."""
     if r == 1.0:
         return mask.clone()
     notm = 1.0 - mask.to(torch.float32)
@@ -170,6 +174,12 @@ def sample_tokens(weights: torch.Tensor, response_mask: torch.Tensor, ratio: flo
         n_neg = int(((w < 0) & mask).sum())
         if n_neg:
             raise ValueError(f"weights contains {n_neg} negative values at response positions")
+    return sample_prepared(w, mask, r, generator=generator, mode=mode, scope=scope)
+
+
+def sample_prepared(w: torch.Tensor, mask: torch.Tensor, r: float, *, generator: torch.Generator | None, mode: str,
+                    scope: str) -> SampledTokens:
+    """:func:`sample_tokens` on prepared inputs (finite float32 weights >= 0, bool mask, checked arguments)."""
     shape = tuple(mask.shape)
     fm = mask.to(torch.float32)
     valid_g = _groups(mask, scope)
