@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s); each sets "
                    "data.seed (data order), actor_rollout_ref.rollout.seed and +tip.seed")
     p.add_argument("--steps", type=int, default=60, help="training steps per run (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=int, default=32,
                    help="prompts per step (data.train_batch_size = ppo_mini_batch_size: the whole batch in each "
                         "of the recipe's passes; default: %(default)s)")
     p.add_argument("--rollout-n", type=int, default=4, help="responses per prompt (default: %(default)s)")

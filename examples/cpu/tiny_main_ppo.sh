@@ -63,7 +63,7 @@ echo "[$TAG] log:    $LOG"
 if [[ "$RECIPE" == opd ]]; then
   # On-policy distillation with TIP: the ref model is the teacher; keep 50% of tokens by Soft-OR. The loss
   # is the paper's (Eq. 7): the reverse KL over the whole vocabulary at kept tokens (the teacher's top-k
-  # with k = |V|, exact on this tiny vocabulary). 16 prompts x 4 responses a step, two passes over each
+  # with k = |V|, exact on this tiny vocabulary). 32 prompts x 4 responses a step, two passes over each
   # batch (ppo_epochs=2), 60 steps; verl's validation (4 samples per test prompt at temperature 1) before
   # the first and after the last step.
   RECIPE_OVERRIDES=(
@@ -80,12 +80,12 @@ if [[ "$RECIPE" == opd ]]; then
     actor_rollout_ref.actor.optim.lr=3e-4
     actor_rollout_ref.actor.optim.lr_warmup_steps=5
     actor_rollout_ref.actor.ppo_epochs=2
-    data.train_batch_size=16
+    data.train_batch_size=32
     actor_rollout_ref.rollout.n=4
-    actor_rollout_ref.actor.ppo_mini_batch_size=16
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
-    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
-    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+    actor_rollout_ref.actor.ppo_mini_batch_size=32
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128
+    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=128
     trainer.total_training_steps=60
     trainer.val_before_train=True
     trainer.test_freq=1000000
