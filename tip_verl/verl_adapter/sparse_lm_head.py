@@ -418,7 +418,8 @@ class SparseLMHeadMixin:
                 return_entropy=plan.calculate_entropy, chunk_rows=plan.chunk_rows,
             )
             parts = (log_probs, entropy) if plan.calculate_entropy else (log_probs,)
-            plan.head_output = torch.stack(parts, dim=-1).unsqueeze(0)  # (1, K, 1 or 2)
+            # (1, K, 1 or 2), a fresh tensor, not a view: FSDP2 hooks its backward onto the module output
+            plan.head_output = torch.stack([p.unsqueeze(0) for p in parts], dim=-1)
             return plan.head_output
 
         return chunked_lm_head
