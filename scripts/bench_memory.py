@@ -822,6 +822,33 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
         print("matplotlib is not installed: no PNG", file=sys.stderr)
 
 
+def _check_user_args(args, out: Path) -> None:
+    """--out writable, --from-raw / --resume readable JSON, --ratios in (0, 1]: else one line and exit 2."""
+    def fail(message: str):
+        print(f"bench_memory.py: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"--out {str(out)!r} is not a writable folder: {exc.strerror or exc}")
+    for flag in ("from_raw", "resume"):
+        path = getattr(args, flag)
+        if path:
+            try:
+                json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                fail(f"--{flag.replace('_', '-')} {path!r}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        fail(f"--ratios must be comma-separated numbers in (0, 1], got {args.ratios!r}")
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        fail(f"--ratios must be comma-separated numbers in (0, 1], got {args.ratios!r}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -830,7 +857,7 @@ def main(argv=None) -> int:
         return 0
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_user_args(args, out)  # a user error ends with one line and exit 2, before anything runs
     if args.teacher_topk is not None:
         if args.device != "cpu":
             raise SystemExit("--teacher-topk measures host memory; run it with --device cpu")

@@ -36,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -148,6 +149,16 @@ def parse_args(argv=None):
         a.out = Path(a.from_raw).expanduser().resolve()
         if not sorted((a.out / "runs").glob("*.json")):
             p.error(f"--from-raw {a.from_raw}: no runs/*.json there")
+    if not a.dry_run:  # output folders checked before anything runs: one line, exit 2
+        for flag, folder in (("--from-raw" if a.from_raw else "--out", a.out), ("--logs", None if a.from_raw else a.logs)):
+            if folder is None:
+                continue
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                p.error(f"{flag} {folder}: not a writable folder ({e.strerror or e})")
     a.python = a.python or sys.executable
     return a
 

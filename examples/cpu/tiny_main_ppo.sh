@@ -11,7 +11,8 @@
 # Caller's overrides are appended last, so they win (e.g. trainer.total_training_steps=2, +tip.ratio=0.2).
 #
 # Environment: PYTHON (interpreter, default: the repo's .venv if present), ASSETS_DIR (where the tiny
-# assets are built/cached; default: tip_verl.assets' own cache), RUN_DIR (logs + Hydra outputs).
+# assets are built/cached; default: tip_verl.assets' own cache), RUN_DIR (logs + Hydra outputs),
+# DRY_RUN=1 (print the main_ppo command line, shell-quoted, and exit; the environment is cpu_overrides --env).
 #
 # The CPU platform, the hf rollout and every CPU-specific flag come from ONE place:
 # tip_verl/verl_adapter/cpu_overrides.py (env: --env, Hydra overrides: default output).
@@ -71,7 +72,7 @@ if [[ "$RECIPE" == opd ]]; then
     algorithm.adv_estimator=tip_opd
     +tip.teacher_path="$ASSET_TEACHER"
     +tip.method=soft_or
-    +tip.ratio=0.5
+    +tip.ratio=null  # unset: the method's default (0.5 for soft_or; 1.0 for tip.method=all)
     +tip.teacher_signal=topk
     +tip.topk_k="$ASSET_VOCAB_SIZE"
     +tip.loss=topk_reverse_kl
@@ -111,7 +112,7 @@ elif [[ "$RECIPE" == opd_server ]]; then
     distillation.distillation_loss.use_policy_gradient=True
     distillation.distillation_loss.use_task_rewards=False
     +tip.method=soft_or
-    +tip.ratio=0.5
+    +tip.ratio=null  # unset: the method's default (0.5 for soft_or; 1.0 for tip.method=all)
     actor_rollout_ref.actor.use_kl_loss=False
     actor_rollout_ref.actor.entropy_coeff=0
     actor_rollout_ref.actor.optim.lr=1e-3
@@ -126,7 +127,7 @@ else
   )
   SUMMARY_KEYS="critic/score/mean actor/pg_loss actor/kl_loss actor/entropy response_length/mean timing_s/step"
 fi
-set +e
+CMD=(
 "$PYTHON" -m verl.trainer.main_ppo \
   "${CPU_OVERRIDES[@]}" \
   hydra.run.dir="$RUN_DIR/hydra" \
@@ -155,7 +156,14 @@ set +e
   trainer.project_name=tip_verl_cpu \
   trainer.experiment_name="tiny_$RECIPE" \
   "${RECIPE_OVERRIDES[@]}" \
-  "$@" 2>&1 | tee "$LOG"
+  "$@"
+)
+if [[ -n "${DRY_RUN:-}" ]]; then  # print the main_ppo command line (shell-quoted) instead of running it
+  echo "${CMD[*]@Q}"
+  exit 0
+fi
+set +e
+"${CMD[@]}" 2>&1 | tee "$LOG"
 STATUS=${PIPESTATUS[0]}
 set -e
 END=$(date +%s)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_checkpoints import make_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "examples" / "gpu" / "run_opd_tip.sh"
 SWEEP = ROOT / "examples" / "gpu" / "sweep_paper_methods.sh"
@@ -37,7 +39,7 @@ def setup_dirs(tmp_path_factory):
     models = base / "models"
     for name in ("Qwen3-4B", "Qwen3-8B", "Llama-3.1-8B-Instruct", "Llama-3.3-70B-Instruct",
                  "Qwen2.5-1.5B-Instruct", "Qwen2.5-14B-Instruct"):
-        (models / name).mkdir(parents=True)
+        make_checkpoint(models / name)  # the TIP start-up checks read config.json and the weight headers
     data = base / "data"
     data.mkdir()
     for name in ("train", "math500", "aime24", "aime25"):

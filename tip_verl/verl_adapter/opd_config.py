@@ -9,8 +9,9 @@ as ``Qwen/Qwen3-8B``, ``hdfs://...``), plus any :class:`tip_verl.TIPConfig` fiel
 (method, ratio, ...), the teacher signal (``+tip.teacher_signal=sampled|topk``, ``+tip.topk_k``) and
 the loss (``+tip.loss=pg|topk_reverse_kl``). With verl's own teacher server (``distillation.enabled=true``)
 no teacher path and no ``tip_opd`` are given: TIP masks verl's distillation loss. Everything is checked
-here, on the driver, before any model loads (the teacher path is resolved and checked by the trainer,
-with verl's own code); every error names the offending flag.
+here, on the driver before Ray starts (:mod:`.preflight` calls :func:`validate_verl_config` from verl's
+``validate_config``) and again in the trainer, where the teacher path is also resolved and checked with
+verl's own code before any model loads; every error names the offending flag.
 """
 
 from __future__ import annotations
@@ -217,6 +218,11 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     mode = _get(config, "trainer.v1.trainer_mode")
     adv = _get(config, "algorithm.adv_estimator")
     server = _teacher_server(config)
+    if mode != TRAINER_MODE and adv == ADV_ESTIMATOR:
+        raise TIPConfigError(
+            f"algorithm.adv_estimator={ADV_ESTIMATOR} is computed by the TIP trainer only, but "
+            f"trainer.v1.trainer_mode={mode}: set trainer.v1.trainer_mode={TRAINER_MODE}."
+        )
     if mode != TRAINER_MODE:
         raise TIPConfigError(f"trainer.v1.trainer_mode={mode}: OPD with TIP needs trainer.v1.trainer_mode={TRAINER_MODE}.")
     if server is None and adv != ADV_ESTIMATOR:

@@ -11,6 +11,8 @@ what                                      verl registry (module)             whe
                                           (``verl.trainer.ppo.core_algos``)  ``core_algos``
 ``trainer.v1.trainer_mode=tip_sync``      ``register_trainer``               import of verl's V1
                                           (``verl.trainer.ppo.v1``)          trainer package
+TIP's start-up checks on the driver,      wraps ``validate_config``          import of
+before Ray (:mod:`.preflight`)            (``verl.utils.config``)            ``verl.utils.config``
 CPU platform, engines, ``hf`` rollout,    see :mod:`.cpu`                    only with
 patches                                                                      ``VERL_PLATFORM=cpu``
 ========================================  =================================  =========================
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tip_verl.verl_adapter import cpu
+from tip_verl.verl_adapter import cpu, preflight
 from tip_verl.verl_adapter._import_hooks import when_imported
 
 ADV_ESTIMATOR_MODULE = "verl.trainer.ppo.core_algos"
@@ -52,6 +54,9 @@ def register() -> None:
     cpu.register()
     when_imported(ADV_ESTIMATOR_MODULE, _register_adv_estimator)
     when_imported(TRAINER_MODULE, _register_trainer_mode)
+    # main_ppo calls verl.utils.config.validate_config on the driver before ray.init; a job without TIP
+    # passes straight through the wrapper.
+    when_imported(preflight.VERL_MODULE, preflight.install)
 
 
 register()

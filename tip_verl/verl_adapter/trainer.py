@@ -64,6 +64,7 @@ class TIPTrainerMixin:
 
         self.tip = validate_verl_config(config)
         student, teachers = _resolved_models(config, self.tip)
+        _check_resolved_checkpoints({"actor_rollout_ref.model.path": student, **teachers})
         trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
         for flag, teacher in teachers.items():
             sizes = check_teacher_compatible(student, teacher, trust_remote_code=trust)
@@ -231,6 +232,24 @@ def _top_choices(signals: dict, padded) -> dict | None:
     }
 
 
+def _check_resolved_checkpoints(models: dict) -> None:
+    """The cheap readability check of every checkpoint verl resolved to a local copy (``hdfs://``, ``use_shm``).
+
+    Local folders given on the command line were checked on the driver before Ray
+    (:mod:`.preflight`); hub ids load from the Hugging Face cache, as transformers finds them.
+    """
+    import os
+
+    from .checkpoints import CheckpointError, check_checkpoint_dir
+
+    for flag, model in models.items():
+        if model.local_path != model.path and os.path.isdir(str(model.local_path)):
+            try:
+                check_checkpoint_dir(model.local_path, f"{flag} (resolved by verl)")
+            except CheckpointError as e:
+                raise TIPConfigError(str(e)) from None
+
+
 def _resolved_models(config, tip) -> tuple:
     """verl's ``HFModelConfig`` of the student and of each teacher (``{flag: config}``), paths resolved by verl.
 
@@ -247,6 +266,12 @@ def _resolved_models(config, tip) -> tuple:
 
     from .teacher import resolve_model_config, teacher_model_config
 
+    from .preflight import check_checkpoints, checkpoint_flags
+
+    try:  # local folders: one line naming the flag before verl or transformers read them
+        check_checkpoints(checkpoint_flags(config, tip))
+    except ValueError as e:
+        raise TIPConfigError(str(e)) from None
     model_node = config.actor_rollout_ref.model
     use_shm = bool(model_node.get("use_shm", False))
     student = resolve_model_config("actor_rollout_ref.model.path", model_node.path,

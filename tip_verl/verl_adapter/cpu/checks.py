@@ -41,7 +41,7 @@ def check_no_cuda() -> None:
 
 
 def check_model_dir(path: Union[str, os.PathLike, None], role: str = "model") -> str:
-    """The model directory must exist locally and hold a Hugging Face ``config.json``."""
+    """The model directory must exist locally, hold a Hugging Face ``config.json`` and readable weights."""
     if path is None or str(path).strip() in ("", "None", "null"):
         raise CPUSetupError(f"no {role} path given (set it in the config, e.g. actor_rollout_ref.model.path=...).")
     local = os.path.expanduser(str(path))
@@ -56,6 +56,12 @@ def check_model_dir(path: Union[str, os.PathLike, None], role: str = "model") ->
         raise CPUSetupError(f"{role} path {local!r} is not a directory.{hint}")
     if not os.path.isfile(os.path.join(local, "config.json")):
         raise CPUSetupError(f"{role} directory {local!r} has no config.json (not a Hugging Face model).{hint}")
+    from tip_verl.verl_adapter.checkpoints import CheckpointError, check_checkpoint_dir
+
+    try:  # config.json with a model_type, complete weight files (headers and sizes only)
+        check_checkpoint_dir(local, role)
+    except CheckpointError as e:
+        raise CPUSetupError(str(e)) from None
     return local
 
 
