@@ -28,17 +28,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kept_logprobs", "default_chunk_rows", "DEFAULT_CHUNK_BYTES"]
+from .chunking import row_chunks, rows_per_chunk
 
-#: default budget for one chunk of float32 logits (the chunk's row count is derived from it and V)
-DEFAULT_CHUNK_BYTES = 64 * 2**20
-
-
-def default_chunk_rows(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one float32 ``rows x vocab_size`` block fits in ``chunk_bytes``."""
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    return max(1, int(chunk_bytes) // (4 * int(vocab_size)))
+__all__ = ["kept_logprobs"]
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -61,17 +53,16 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         log_probs = torch.empty(num_rows, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(num_rows, dtype=out_dtype, device=hidden.device)
         entropy = torch.empty(num_rows if want_entropy else 0, dtype=out_dtype, device=hidden.device)
-        for start in range(0, num_rows, chunk_rows):
-            stop = min(start + chunk_rows, num_rows)
-            temp = None if temperature is None else temperature[start:stop]
-            logits = _chunk_logits(hidden[start:stop], weight, bias, temp)
+        for sl in row_chunks(num_rows, chunk_rows):
+            temp = None if temperature is None else temperature[sl]
+            logits = _chunk_logits(hidden[sl], weight, bias, temp)
             chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start:stop] = chunk_lse
-            log_probs[start:stop] = logits.gather(-1, labels[start:stop].unsqueeze(-1)).squeeze(-1) - chunk_lse
+            lse[sl] = chunk_lse
+            log_probs[sl] = logits.gather(-1, labels[sl].unsqueeze(-1)).squeeze(-1) - chunk_lse
             if want_entropy:
                 # H = -sum_j p_j log p_j (each term >= 0: no cancellation between lse and E[x])
                 log_p = logits.sub_(chunk_lse.unsqueeze(-1))
-                entropy[start:stop] = -(log_p.exp() * log_p).sum(dim=-1)
+                entropy[sl] = -(log_p.exp() * log_p).sum(dim=-1)
             del logits
         ctx.save_for_backward(hidden, weight, bias, labels, temperature, lse, entropy)
         ctx.chunk_rows = chunk_rows
@@ -98,21 +89,18 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         if need_bias:
             grad_bias = torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device)
 
-        num_rows = hidden.shape[0]
-        chunk_rows = ctx.chunk_rows
-        for start in range(0, num_rows, chunk_rows):
-            stop = min(start + chunk_rows, num_rows)
-            h = hidden[start:stop]
-            temp = None if temperature is None else temperature[start:stop]
+        for sl in row_chunks(hidden.shape[0], ctx.chunk_rows):
+            h = hidden[sl]
+            temp = None if temperature is None else temperature[sl]
             # recompute, then overwrite the chunk's logits with d(loss)/d(logits) in place
             grad = _chunk_logits(h, weight, bias, temp)
-            grad.sub_(lse[start:stop].unsqueeze(-1))  # log p
-            g_lp = None if grad_log_probs is None else grad_log_probs[start:stop].to(grad.dtype)
+            grad.sub_(lse[sl].unsqueeze(-1))  # log p
+            g_lp = None if grad_log_probs is None else grad_log_probs[sl].to(grad.dtype)
             if grad_entropy is not None:
                 # dH/dx = -p (log p + H); dlp/dx = onehot - p  =>  grad = -p (g_lp + g_H (log p + H)) + g_lp onehot
-                g_h = grad_entropy[start:stop].to(grad.dtype).unsqueeze(-1)
+                g_h = grad_entropy[sl].to(grad.dtype).unsqueeze(-1)
                 probs = grad.exp()
-                grad.add_(entropy[start:stop].unsqueeze(-1)).mul_(g_h)
+                grad.add_(entropy[sl].unsqueeze(-1)).mul_(g_h)
                 if g_lp is not None:
                     grad.add_(g_lp.unsqueeze(-1))
                 grad.mul_(probs).neg_()
@@ -120,11 +108,11 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
             else:
                 grad.exp_().mul_(-g_lp.unsqueeze(-1))
             if g_lp is not None:
-                grad.scatter_add_(-1, labels[start:stop].unsqueeze(-1), g_lp.unsqueeze(-1))
+                grad.scatter_add_(-1, labels[sl].unsqueeze(-1), g_lp.unsqueeze(-1))
             if temp is not None:  # x = z / T
                 grad.div_(temp.unsqueeze(-1))
             if need_hidden:
-                grad_hidden[start:stop] = grad.to(weight.dtype) @ weight
+                grad_hidden[sl] = grad.to(weight.dtype) @ weight
             if need_weight:
                 if low_precision:
                     grad_weight.addmm_(grad.t(), h.float())
@@ -159,7 +147,8 @@ def kept_logprobs(
         bias: optional [V] lm_head bias.
         temperature: ``None`` / a positive number (one for all rows) / a [K] tensor (per row).
         return_entropy: also return the entropy of each row's softmax (with its gradient).
-        chunk_rows: rows per chunk; default :func:`default_chunk_rows` of V (64 MiB of float32 logits).
+        chunk_rows: rows per chunk; default :func:`tip_verl.chunking.rows_per_chunk` of V (64 MiB of
+            float32 logits).
 
     Returns:
         ``(log_probs, entropy)``, [K] each, float32 (float64 for float64 weights); ``entropy`` is
@@ -173,7 +162,7 @@ def kept_logprobs(
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(vocab)
+        chunk_rows = rows_per_chunk(vocab)
     if int(chunk_rows) < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     temp: Optional[torch.Tensor] = None

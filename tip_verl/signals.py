@@ -12,6 +12,7 @@ import torch
 
 from ._checks import (as_mask, check_choice, check_same_shape, check_vocab_size, is_int, prepare, require_floating,
                       require_tensor)
+from .chunking import row_chunks, rows_per_chunk
 
 __all__ = [
     "DIVERGENCE_ESTIMATORS",
@@ -37,8 +38,6 @@ TAIL_EPS = 1e-12
 LOGPROB_TOL = 1e-3
 #: Stand-in for a ``-inf`` log-prob in float64: ``exp`` underflows to exactly 0.
 _LOG_ZERO = -1e4
-#: Elements per float64 chunk in :func:`topk_divergences` (16 MiB per temporary).
-_TOPK_CHUNK_ELEMS = 1 << 21
 
 
 def normalized_entropy(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -202,9 +201,7 @@ def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torc
     over = {"teacher_topk_logprobs": [0, 0.0], "student_logprobs_at_ids": [0, 0.0]}  # positions, max mass
     # float64 in bounded row chunks: tail = 1 - Σp cancels catastrophically in float32 when the
     # top-k covers almost all the mass (a 1e-7 error on a 1e-6 tail is a 10% error on its log)
-    rows = max(1, _TOPK_CHUNK_ELEMS // max(k, 1))
-    for start in range(0, n, rows):
-        sl = slice(start, start + rows)
+    for sl in row_chunks(n, rows_per_chunk(k, elem_bytes=8)):
         fm = m1[sl].to(torch.float64)
         fm2 = fm.unsqueeze(-1)
         lt, ls = lt2[sl].double(), ls2[sl].double()
@@ -239,11 +236,12 @@ def topk_divergences(teacher_topk_logprobs: torch.Tensor, teacher_topk_ids: torc
 @torch.no_grad()
 def full_logits_divergences(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             response_mask: torch.Tensor | None = None,
-                            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact ``(KL(S||T), KL(T||S), H(P_S))`` in nats from full logits (Eqs. 2-3, unnormalised H).
 
     ``student_logits``/``teacher_logits`` are ``[N, V]`` or ``[B, T, V]``; outputs have the leading
-    shape. Rows are processed ``chunk_size`` at a time (only rows where ``response_mask`` is set),
+    shape. Rows are processed ``chunk_size`` at a time (only rows where ``response_mask`` is set;
+    default :func:`tip_verl.chunking.rows_per_chunk` of V, 64 MiB of float32 logits a chunk),
     so peak extra memory is a few ``(chunk_size, V)`` float32 buffers and no full-size float32 copy
     of the logits is made. Runs under ``torch.no_grad``. Masked rows return 0. A logit of ``-inf``
     means probability 0 and is allowed where both sides are ``-inf`` (as in :func:`topk_divergences`);
@@ -254,10 +252,12 @@ def full_logits_divergences(student_logits: torch.Tensor, teacher_logits: torch.
     check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
-    if not is_int(chunk_size) or chunk_size < 1:
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be a positive int")
     lead = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
+    if chunk_size is None:
+        chunk_size = rows_per_chunk(max(vocab, 1))
     s2 = student_logits.reshape(-1, vocab)
     t2 = teacher_logits.reshape(-1, vocab)
     n = s2.shape[0]
@@ -277,12 +277,12 @@ def full_logits_divergences(student_logits: torch.Tensor, teacher_logits: torch.
     reverse = torch.zeros(n, dtype=torch.float32, device=device)
     forward = torch.zeros(n, dtype=torch.float32, device=device)
     entropy = torch.zeros(n, dtype=torch.float32, device=device)
-    for start in range(0, n_rows, chunk_size):
+    for sl in row_chunks(n_rows, chunk_size):
         if rows is None:
-            idx = slice(start, min(start + chunk_size, n))
+            idx = sl
             s_chunk, t_chunk = s2[idx], t2[idx]
         else:
-            idx = rows[start:start + chunk_size]
+            idx = rows[sl]
             s_chunk, t_chunk = s2.index_select(0, idx), t2.index_select(0, idx)
         for name, chunk in (("student_logits", s_chunk), ("teacher_logits", t_chunk)):
             bad = int((torch.isnan(chunk) | torch.isposinf(chunk)).sum())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tip_verl.kept_logprobs import default_chunk_rows, kept_logprobs
+from tip_verl.chunking import row_chunks, rows_per_chunk
+from tip_verl.kept_logprobs import kept_logprobs
 
 H, V = 48, 997  # V prime: no accidental alignment with chunk sizes
 
@@ -180,5 +181,12 @@ def test_no_rows_and_bad_arguments():
         kept_logprobs(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         kept_logprobs(h, w, y, temperature=torch.ones(3))
-    assert default_chunk_rows(151_936) == 110
-    assert default_chunk_rows(10) == 64 * 2**20 // 40
+    assert rows_per_chunk(151_936) == 110
+    assert rows_per_chunk(10) == 64 * 2**20 // 40
+    assert rows_per_chunk(2**30) == 1 and rows_per_chunk(4, elem_bytes=8, chunk_bytes=64) == 2
+    with pytest.raises(ValueError, match="positive"):
+        rows_per_chunk(0)
+    assert list(row_chunks(7, 3)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert list(row_chunks(0, 3)) == [] and list(row_chunks(2, 5)) == [slice(0, 2)]
+    with pytest.raises(ValueError, match=">= 1"):
+        list(row_chunks(4, 0))

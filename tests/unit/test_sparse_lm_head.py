@@ -182,7 +182,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         plain_cls, sparse_cls = type(plain.actor.engine), type(sparse.actor.engine)
         results["meta"][engine_name] = {
             "plain_is_verl_engine": issubclass(plain_cls, FSDPEngineWithLMHead)
-            and not issubclass(plain_cls, slh.SparseLMHeadMixin),
+            and not issubclass(plain_cls, slh.TIPLMHeadMixin),
             "sparse_is_its_sparse_variant": sparse_cls is slh.sparse_engine_class(plain_cls)
             and issubclass(sparse_cls, plain_cls),
             "names": (plain_cls.__name__, sparse_cls.__name__),

@@ -78,9 +78,9 @@ def _update(assets, batch, advantages, response_mask, old_lp, *, tip_worker=True
     w = build_local_workers(str(assets.student), ref_model_path=teacher, with_ref=False,
                             overrides=["actor_rollout_ref.actor.optim.lr=1e-2"])
     assert type(w.actor).__name__ == ("TIPActorRolloutRefWorker" if tip_worker else "ActorRolloutRefWorker")
-    from tip_verl.verl_adapter.sparse_lm_head import SparseLMHeadMixin
+    from tip_verl.verl_adapter.sparse_lm_head import TIPLMHeadMixin
 
-    assert isinstance(w.actor.actor.engine, SparseLMHeadMixin) == tip_worker
+    assert isinstance(w.actor.actor.engine, TIPLMHeadMixin) == tip_worker
     data = batch.clone()
     data["response_mask"] = response_mask.long()
     metrics = w.update(data, advantages, old_log_probs=old_lp)

@@ -13,7 +13,8 @@ run unchanged.
 
 How (no verl source edit):
 
-* :class:`SparseLMHeadMixin` overrides three methods of ``FSDPEngineWithLMHead``
+* :class:`TIPLMHeadMixin` (TIP's LM-head stage: the kept rows here, the top-k signal below) overrides
+  three methods of ``FSDPEngineWithLMHead``
   (``transformer_impl.py``: ``prepare_model_inputs`` :1145, ``prepare_model_outputs`` :1332,
   ``forward_step`` :1549). For a training forward with a loss (``forward_only=False``) it
   computes the kept positions, installs a forward hook on the decoder (``model.model``: the module
@@ -80,6 +81,7 @@ from verl.workers.engine.fsdp.transformer_impl import (
 )
 from verl.workers.engine_workers import TrainingWorker
 
+from tip_verl.chunking import row_chunks, rows_per_chunk
 from tip_verl.kept_logprobs import kept_logprobs
 
 from . import topk_signal
@@ -87,7 +89,7 @@ from . import topk_signal
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SparseLMHeadMixin",
+    "TIPLMHeadMixin",
     "SparseLMHeadFSDPEngine",
     "SparseLMHeadTrainingWorker",
     "SparsePlan",
@@ -202,6 +204,11 @@ def kept_logit_positions(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Log-probs of the kept rows
 # ---------------------------------------------------------------------------------------------
+def _logit_row_chunks(logits: torch.Tensor):
+    """Row slices of ``logits`` (rows, vocab), :func:`tip_verl.chunking.rows_per_chunk` rows at a time."""
+    return row_chunks(logits.shape[0], rows_per_chunk(max(logits.shape[-1], 1), logits.element_size()))
+
+
 class _LogProbsInplaceBackward(torch.autograd.Function):
     """``log_softmax(logits)[label]`` per row; the backward turns the saved logits into their gradient.
 
@@ -212,14 +219,11 @@ class _LogProbsInplaceBackward(torch.autograd.Function):
     two more full-size gradient buffers alive in the backward.
     """
 
-    CHUNK_ROWS = 64
-
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
         lse = logits.new_empty(logits.shape[0])
-        for start in range(0, logits.shape[0], _LogProbsInplaceBackward.CHUNK_ROWS):
-            stop = start + _LogProbsInplaceBackward.CHUNK_ROWS
-            lse[start:stop] = torch.logsumexp(logits[start:stop], dim=-1)
+        for sl in _logit_row_chunks(logits):
+            lse[sl] = torch.logsumexp(logits[sl], dim=-1)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, labels, lse)
         return picked - lse
@@ -229,10 +233,8 @@ class _LogProbsInplaceBackward(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         grad = logits  # reused storage: d/dx (x_label - lse) = onehot(label) - softmax(x)
         grad_output = grad_output.to(grad.dtype)
-        for start in range(0, grad.shape[0], _LogProbsInplaceBackward.CHUNK_ROWS):
-            stop = start + _LogProbsInplaceBackward.CHUNK_ROWS
-            rows = grad[start:stop]
-            rows.sub_(lse[start:stop].unsqueeze(-1)).exp_().mul_(-grad_output[start:stop].unsqueeze(-1))
+        for sl in _logit_row_chunks(grad):
+            grad[sl].sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-grad_output[sl].unsqueeze(-1))
         grad.scatter_add_(-1, labels.unsqueeze(-1), grad_output.unsqueeze(-1))
         return grad, None
 
@@ -296,8 +298,10 @@ def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class SparseLMHeadMixin:
-    """Overrides of ``FSDPEngineWithLMHead`` that run the LM head only at kept positions (update step)."""
+class TIPLMHeadMixin:
+    """TIP's overrides of ``FSDPEngineWithLMHead`` around the LM head: the update step projects only
+    the kept positions (and computes the top-k reverse KL of ``+tip.loss=topk_reverse_kl``); the
+    forward-only passes add the teacher's top-k / the student's log-probs at those ids to the outputs."""
 
     _tip_sparse_request: bool = False
     _tip_sparse_plan: Optional[SparsePlan] = None
@@ -578,7 +582,7 @@ class SparseLMHeadMixin:
         return model_output
 
 
-class SparseLMHeadFSDPEngine(SparseLMHeadMixin, FSDPEngineWithLMHead):
+class SparseLMHeadFSDPEngine(TIPLMHeadMixin, FSDPEngineWithLMHead):
     """``FSDPEngineWithLMHead`` with the sparse update-step LM head (FSDP and FSDP2)."""
 
 
@@ -592,7 +596,7 @@ def sparse_engine_class(engine_cls: type) -> Optional[type]:
     It applies to ``FSDPEngineWithLMHead`` and to subclasses (e.g. a device-specific registration)
     that keep its three forward methods as they are.
     """
-    if issubclass(engine_cls, SparseLMHeadMixin):
+    if issubclass(engine_cls, TIPLMHeadMixin):
         return engine_cls
     if engine_cls in _SPARSE_CLASSES:
         return _SPARSE_CLASSES[engine_cls]
@@ -600,7 +604,7 @@ def sparse_engine_class(engine_cls: type) -> Optional[type]:
         return None
     if any(getattr(engine_cls, name) is not getattr(FSDPEngineWithLMHead, name) for name in _OVERRIDDEN):
         return None
-    sparse_cls = type(f"SparseLMHead{engine_cls.__name__}", (SparseLMHeadMixin, engine_cls), {})
+    sparse_cls = type(f"SparseLMHead{engine_cls.__name__}", (TIPLMHeadMixin, engine_cls), {})
     sparse_cls.__module__ = __name__
     _SPARSE_CLASSES[engine_cls] = sparse_cls
     return sparse_cls

@@ -20,7 +20,7 @@ around each call and cleared after it: :data:`FLAG_TEACHER_TOPK` (k),
 :data:`FLAG_GATHER_IDS` (the field holding the ids to gather at: the ref path's
 ``tip_teacher_topk_ids`` in response layout, or verl's native ``teacher_ids`` in packed layout),
 :data:`FLAG_TOPK_LOSS`. The engine side lives in
-:class:`tip_verl.verl_adapter.sparse_lm_head.SparseLMHeadMixin`, which calls the functions here.
+:class:`tip_verl.verl_adapter.sparse_lm_head.TIPLMHeadMixin`, which calls the functions here.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
+from tip_verl.chunking import row_chunks, rows_per_chunk
 from tip_verl.signals import TAIL_EPS, topk_tail_kl
 
 TEACHER_TOPK_LOGPROBS = "tip_teacher_topk_logprobs"
@@ -51,9 +52,6 @@ NATIVE_TEACHER_IDS = "teacher_ids"
 FLAG_TEACHER_TOPK = "tip_teacher_topk_k"
 FLAG_GATHER_IDS = "tip_gather_topk_ids_from"
 FLAG_TOPK_LOSS = "tip_topk_loss"
-
-#: Elements of one (rows, vocab) float32 chunk of logits processed at a time (128 MiB).
-CHUNK_ELEMS = 1 << 25
 
 
 class TopKSignalError(RuntimeError):
@@ -138,7 +136,8 @@ def response_rows_of(micro_batch, positions: torch.Tensor, seq_index: torch.Tens
 # Logit rows, in chunks
 # ---------------------------------------------------------------------------------------------
 class LogitRows:
-    """Temperature-scaled logit rows at given packed positions, read chunk by chunk.
+    """Temperature-scaled logit rows at given packed positions, read chunk by chunk
+    (:func:`tip_verl.chunking.rows_per_chunk` float32 rows of the vocabulary at a time).
 
     ``output.logits`` is ``(1, total_nnz, V)`` with remove-padding or ``(bsz, S, V)`` (sequences
     left-aligned) without; no ``(N, V)`` copy of all rows is made.
@@ -164,15 +163,14 @@ class LogitRows:
             self.index = seq_index * seq_len + (positions - cu_seqlens[seq_index])
             temperature = output_args["temperature"].reshape(-1)[seq_index]
         self.temperature = temperature.to(torch.float32)
-        self.rows_per_chunk = max(1, CHUNK_ELEMS // max(self.vocab, 1))
+        self.rows_per_chunk = rows_per_chunk(max(self.vocab, 1))
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     def chunks(self):
         """Yield ``(slice, log_softmax rows as float32)``."""
-        for start in range(0, len(self), self.rows_per_chunk):
-            sl = slice(start, start + self.rows_per_chunk)
+        for sl in row_chunks(len(self), self.rows_per_chunk):
             rows = self.flat.index_select(0, self.index[sl]).float()
             rows = rows / self.temperature[sl].unsqueeze(-1)
             yield sl, torch.log_softmax(rows, dim=-1)
