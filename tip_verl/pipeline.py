@@ -13,7 +13,7 @@ from .config import TIPConfig
 from .scoring import RULES, ScoreInputs
 from .selection import sample_prepared, top_rho
 from .signals import normalized_entropy, sampled_token_divergence, topk_divergences
-from .taxonomy import quadrant_codes, quadrant_stats, resolve_thresholds
+from .taxonomy import quadrant_codes, quadrant_stats_prepared, thresholds_prepared
 
 __all__ = ["ENTROPY_TOL", "TIPSelection", "select_for_batch"]
 
@@ -137,8 +137,8 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
     else:
         keep = top_rho(scores, mask, config.ratio, scope=config.selection_scope, invert=config.invert)
 
-    te, td = resolve_thresholds(h, delta, mask, entropy_threshold=config.entropy_threshold,
-                                divergence_threshold=config.divergence_threshold, threshold_mode=config.threshold_mode)
+    te, td = thresholds_prepared(h, delta, mask, config.entropy_threshold, config.divergence_threshold,
+                                 threshold_mode=config.threshold_mode)
     quadrants = quadrant_codes(h, delta, mask, te, td)
 
     valid_count = int(row_counts(mask.reshape(1, -1)))
@@ -164,7 +164,7 @@ def select_for_batch(config: TIPConfig, *, entropy_nats: torch.Tensor, vocab_siz
     if loss_weights is not None:
         metrics["tip/loss_weight_mean"] = _masked_mean(loss_weights, fk, kept_count)
         metrics["tip/loss_weight_max"] = float(loss_weights.max()) if kept_count else 0.0
-    stats = quadrant_stats(quadrants, delta, mask, keep)
+    stats = quadrant_stats_prepared(quadrants, delta, keep)
     for key, value in stats.items():
         metrics[f"tip/{key}"] = value
     thresholds = {"entropy": te, "divergence": td, "threshold_mode": config.threshold_mode,

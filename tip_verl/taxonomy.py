@@ -12,7 +12,8 @@ import torch
 
 from ._checks import as_mask, check_choice, is_real, prepare, push_masked, row_counts
 
-__all__ = ["THRESHOLD_MODES", "classify_quadrants", "quadrant_codes", "quadrant_stats", "resolve_thresholds"]
+__all__ = ["THRESHOLD_MODES", "classify_quadrants", "quadrant_codes", "quadrant_stats", "quadrant_stats_prepared",
+           "resolve_thresholds", "thresholds_prepared"]
 
 THRESHOLD_MODES = ("quantile", "absolute")
 
@@ -73,6 +74,15 @@ def resolve_thresholds(entropy: torch.Tensor, divergence: torch.Tensor, response
     as_mask(mask, divergence, "divergence")
     h = prepare("entropy", entropy, mask)
     d = prepare("divergence", divergence, mask)
+    return thresholds_prepared(h, d, mask, te, td, threshold_mode=threshold_mode)
+
+
+def thresholds_prepared(h: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, te: float, td: float, *,
+                        threshold_mode: str) -> tuple[float, float]:
+    """:func:`resolve_thresholds` on prepared inputs (finite float32 ``h``, ``d``; bool ``mask``; thresholds
+    and mode checked, as :class:`tip_verl.config.TIPConfig` does)."""
+    if threshold_mode == "absolute":
+        return _f32(te), _f32(td)
     if not bool(mask.any()):
         return 0.0, 0.0
     notm = 1.0 - mask.to(torch.float32)
@@ -144,8 +154,24 @@ def quadrant_stats(quadrants: torch.Tensor, divergence: torch.Tensor, response_m
     bad = n_valid - int(counts_all[1:5].sum())  # valid positions holding code 0
     if bad:
         raise ValueError(f"quadrants contains {bad} codes outside 1..4 at response positions")
-    counts = counts_all[1:5]
-    d = prepare("divergence", divergence, mask).reshape(-1).abs().to(torch.float64)
+    d = prepare("divergence", divergence, mask)
+    keep = None if keep_mask is None else as_mask(keep_mask, quadrants, "quadrants", name="keep_mask")
+    return _stats(q8, counts_all[1:5], d, keep)
+
+
+def quadrant_stats_prepared(quadrants: torch.Tensor, d: torch.Tensor,
+                            keep: torch.Tensor | None = None) -> dict[str, float]:
+    """:func:`quadrant_stats` on prepared inputs: ``quadrants`` from :func:`quadrant_codes` (codes 1..4 at
+    valid positions, 0 at masked ones), finite float32 ``d`` and a bool ``keep`` of the same shape."""
+    q8 = quadrants.reshape(-1).to(torch.uint8)
+    counts = torch.bincount(q8, minlength=5).to(torch.float64)[1:5]
+    return _stats(q8, counts, d, keep)
+
+
+def _stats(q8: torch.Tensor, counts: torch.Tensor, d: torch.Tensor, keep: torch.Tensor | None) -> dict[str, float]:
+    """The shares of :func:`quadrant_stats` from flat uint8 codes (0 = masked), their counts per quadrant
+    (float64), the finite float32 divergence and the optional bool keep mask."""
+    d = d.reshape(-1).abs().to(torch.float64)
     mass = torch.bincount(q8, weights=d, minlength=5)[1:5]  # masked |δ| lands in the ignored bin 0
     out: dict[str, float] = {}
 
@@ -156,8 +182,7 @@ def quadrant_stats(quadrants: torch.Tensor, divergence: torch.Tensor, response_m
 
     _shares("share", counts)
     _shares("divergence_share", mass)
-    if keep_mask is not None:
-        keep = as_mask(keep_mask, quadrants, "quadrants", name="keep_mask").reshape(-1)
-        kept = torch.bincount(q8 * keep.view(torch.uint8), minlength=5)[1:5].to(torch.float64)
+    if keep is not None:
+        kept = torch.bincount(q8 * keep.reshape(-1).view(torch.uint8), minlength=5)[1:5].to(torch.float64)
         _shares("kept_share", kept)
     return out
