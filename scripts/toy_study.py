@@ -54,7 +54,7 @@ DEFAULT_METHODS = ("all", "entropy_50", "entropy_20", "entropy_sample_50", "soft
                    "soft_or_bottom_50")
 # Per-step metrics kept in the raw per-run JSON (the console lines hold ~100 keys per step).
 KEEP_KEYS = re.compile(r"^(tip/|val-core/|actor/(pg_loss|tip_topk_reverse_kl_loss|grad_norm|entropy|lr)$|"
-                       r"actor/perf/max_memory_allocated_gb$|critic/score/mean$|"
+                       r"actor/perf/(max_memory_allocated|update_peak_memory|update_memory_increase)_gb$|critic/score/mean$|"
                        r"response_length/mean$|timing_s/(step|gen|update_actor|testing)$)")
 ASSETS_LINE = re.compile(r"^\[run_tiny_opd\] assets: (.+)$", re.M)
 
@@ -248,7 +248,15 @@ def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
         "train_score_last5": statistics.fmean(m.get("critic/score/mean", float("nan")) for m in tail),
         "train_time_s": sum(m.get("timing_s/step", 0.0) for m in train),
         "actor_peak_memory_gb": max(m.get("actor/perf/max_memory_allocated_gb", float("nan")) for m in train),
+        # the largest over the steps of one optimizer step's peak (absent from runs before it was logged)
+        "update_peak_memory_gb": _largest(train, "actor/perf/update_peak_memory_gb"),
+        "update_memory_increase_gb": _largest(train, "actor/perf/update_memory_increase_gb"),
     }
+
+
+def _largest(train: list[dict], key: str) -> float:
+    values = [m[key] for m in train if key in m]
+    return max(values) if values else float("nan")
 
 
 def n_test_prompts(log_text: str) -> int | None:
@@ -354,6 +362,9 @@ def summarize(a, results: list[dict]) -> list[dict]:
         kl0, _ = _mean_std([r.get("reverse_kl_first5", float("nan")) for r in rs])
         kl, kls = _mean_std([r["reverse_kl_last5"] for r in rs])
         mem, _ = _mean_std([r.get("actor_peak_memory_gb", float("nan")) for r in rs])
+        measured = [r for r in rs if not math.isnan(r.get("update_memory_increase_gb", float("nan")))]
+        upd, _ = _mean_std([r["update_peak_memory_gb"] for r in measured]) if measured else (float("nan"), 0)
+        inc, _ = _mean_std([r["update_memory_increase_gb"] for r in measured]) if measured else (float("nan"), 0)
         w, _ = _mean_std([r["wall_s"] for r in rs])
         rows.append({
             "method": spec.name, "label": spec.label, "tip_method": spec.method, "ratio": spec.ratio,
@@ -366,6 +377,8 @@ def summarize(a, results: list[dict]) -> list[dict]:
             "tokens_trained_mean": tok, "tokens_trained_std": toks,
             "kept_fraction_mean": kf, "reverse_kl_first5_mean": kl0, "reverse_kl_last5_mean": kl,
             "reverse_kl_last5_std": kls, "actor_peak_memory_gb_mean": mem,
+            "update_peak_memory_gb_mean": upd, "update_memory_increase_gb_mean": inc,
+            "update_memory_seeds": " ".join(str(r["seed"]) for r in measured),
             "wall_s_mean": w, "wall_s_total": sum(r["wall_s"] for r in rs),
         })
     return rows
@@ -387,13 +400,15 @@ def markdown(a, rows: list[dict], total_wall: float) -> str:
             f"and after the last step; mean over seeds ± the half-width of a 95% interval that counts the spread "
             f"between seeds and the binomial noise of the validation samples. Tokens = kept response tokens "
             f"summed over steps (Σ tip/kept_count). Reverse KL = the exact per-token reverse KL to the teacher "
-            f"(mean over the batch's response tokens), first and last 5 steps. Peak memory = verl's "
-            f"actor/perf/max_memory_allocated_gb, the actor process's peak RSS on the CPU (mostly the runtime: "
-            f"the update step's logits of these tiny models weigh a few MB). Wall = one run incl. start-up and "
-            f"both validations.\n")
+            f"(mean over the batch's response tokens), first and last 5 steps. Update-step memory = the largest "
+            f"over the steps of one optimizer step's peak RSS in the actor process (actor/perf/update_peak_memory_gb; "
+            f"mostly the runtime, the models and their optimizer state) and, after the slash, the part the step "
+            f"itself allocated (peak minus the RSS before it: activations, logits, gradients; "
+            f"actor/perf/update_memory_increase_gb), mean over the seeds that logged it (seeds in brackets; '—' for "
+            f"runs from before these metrics existed). Wall = one run incl. start-up and both validations.\n")
     lines = [head,
              "| method | ratio | seeds | acc before | acc after | Δ acc | worst seed Δ | tokens trained | kept % "
-             "| rev-KL first → last 5 steps | actor peak mem (GiB) | wall / run (s) |",
+             "| rev-KL first → last 5 steps | update-step mem: peak / step's own (GiB) | wall / run (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def ci(key, fmt):
@@ -403,10 +418,17 @@ def markdown(a, rows: list[dict], total_wall: float) -> str:
             f"| {r['label']} | {r['ratio']:.2f} | {r['seeds']} | {ci('acc_before', '.3f')} | {ci('acc_after', '.3f')} "
             f"| {ci('delta', '+.3f')} | {r['delta_min']:+.3f} | {r['tokens_trained_mean']:.0f} "
             f"| {100 * r['kept_fraction_mean']:.1f} | {r['reverse_kl_first5_mean']:.3f} → {r['reverse_kl_last5_mean']:.3f} "
-            f"| {r['actor_peak_memory_gb_mean']:.3f} | {r['wall_s_mean']:.0f} |")
+            f"| {_update_memory_cell(r)} | {r['wall_s_mean']:.0f} |")
     lines.append("")
     lines.append(f"Sum of the wall times of these runs: {total_wall / 60:.1f} min.")
     return "\n".join(lines) + "\n"
+
+
+def _update_memory_cell(row: dict) -> str:
+    if not row.get("update_memory_seeds"):
+        return "—"
+    return (f"{row['update_peak_memory_gb_mean']:.3f} / {row['update_memory_increase_gb_mean']:.3f} "
+            f"[{row['update_memory_seeds']}]")
 
 
 def plot(rows: list[dict], results: list[dict], path: Path, title: str) -> None:

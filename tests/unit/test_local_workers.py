@@ -102,6 +102,9 @@ def test_update_moves_log_probs_along_the_advantages(workers, batch):
     metrics = workers.update(batch, adv, old_log_probs=before)
     assert {"actor/pg_loss", "grad_norm", "lr"} <= set(metrics)
     assert metrics["grad_norm"][0] > 0
+    # the CPU engine's optimizer step reports its own peak memory (UpdateMemoryWindow)
+    (peak,), (increase,) = metrics["perf/update_peak_memory_gb"], metrics["perf/update_memory_increase_gb"]
+    assert 0 < increase < peak <= metrics["perf/max_memory_allocated_gb"][0] + 1e-3
     after = workers.log_probs(batch)["log_probs"]
     mask = batch["response_mask"].bool()
     delta = ((after - before) * mask).sum(-1)  # change of each response's total log-prob

@@ -69,10 +69,21 @@ def learning_line(steps: dict[int, dict[str, float]], *, tag: str) -> str | None
     valid = sum(steps[s].get("tip/valid_count", 0.0) for s in trained)
     if valid:
         line += f", trained on {100 * kept / valid:.0f}% of response tokens ({kept:.0f} of {valid:.0f})"
-    peak = max((steps[s].get("actor/perf/max_memory_allocated_gb", 0.0) for s in trained), default=0.0)
-    if peak:
-        line += f", actor process peak memory {peak:.2f} GiB (actor/perf/max_memory_allocated_gb)"
+    line += _memory_phrase([steps[s] for s in trained])
     return line
+
+
+def _memory_phrase(trained: list[dict[str, float]]) -> str:
+    """Update-step peak memory (largest over the steps) where the run reports it, else the process peak."""
+    def largest(key):
+        return max((m[key] for m in trained if key in m), default=None)
+
+    peak, increase = largest("actor/perf/update_peak_memory_gb"), largest("actor/perf/update_memory_increase_gb")
+    if peak is not None and increase is not None:
+        return (f", update-step peak memory {peak:.2f} GiB, of which {increase:.2f} GiB allocated by the step "
+                f"(actor/perf/update_peak_memory_gb, update_memory_increase_gb)")
+    peak = largest("actor/perf/max_memory_allocated_gb")
+    return f", actor process peak memory {peak:.2f} GiB (actor/perf/max_memory_allocated_gb)" if peak else ""
 
 
 def main(argv=None) -> int:

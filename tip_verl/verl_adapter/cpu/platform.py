@@ -16,7 +16,9 @@ What it provides:
 * ``communication_backend_name() == "gloo"``.
 * ``device_module``: a small ``torch.cuda``-shaped object (:class:`CPUDeviceModule`) whose memory
   figures are the process's real resident memory, so verl's ``perf/*memory*`` metrics mean
-  something on a CPU.
+  something on a CPU: ``max_memory_allocated`` is the peak RSS (``VmHWM``) since the last
+  ``reset_peak_memory_stats``, which the CPU engines call at the start of every optimizer step
+  (:class:`UpdateMemoryWindow`; they also report ``perf/update_memory_increase_gb``).
 * ``ray_resource_name() == CPU_RAY_RESOURCE``: a custom logical Ray resource (declared by
   ``ray_kwargs.ray_init.resources``, see ``cpu_overrides.py``) that stands for one "device slot",
   i.e. one verl worker process. No GPU is faked.
@@ -52,10 +54,87 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _vm_hwm_bytes() -> Optional[int]:
+    """The process's peak RSS since start or since the last :func:`reset_peak_rss` (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # lifetime peak; cannot be reset
     # Linux reports KiB, macOS bytes.
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window: ``VmHWM`` := current RSS (``/proc/self/clear_refs``, Linux >= 4.0).
+
+    Returns False where that is not possible; the peak then stays the process's lifetime peak.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim(0)``), so that RSS follows the live
+    tensors: with glibc's dynamic thresholds a freed medium-size tensor stays resident and a later step
+    that reuses it would show no RSS growth. A no-op without glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class UpdateMemoryWindow:
+    """Peak memory of one optimizer step (one mini-batch: forward, backward, optimizer step) on the CPU.
+
+    The CPU analogue of ``torch.cuda.reset_peak_memory_stats()`` before the step and
+    ``max_memory_allocated() - memory_allocated_before`` after it: freed heap is released, RSS read and
+    ``VmHWM`` reset on entry; on exit :attr:`peak_bytes` is ``VmHWM`` and :attr:`increase_bytes` the peak
+    minus the RSS on entry (activations, logits, gradients; not the weights, optimizer state or runtime
+    already resident). Both are None where ``VmHWM`` cannot be reset (not Linux).
+    """
+
+    def __init__(self) -> None:
+        self.peak_bytes: Optional[int] = None
+        self.increase_bytes: Optional[int] = None
+        self._before = 0
+        self._armed = False
+
+    def __enter__(self) -> "UpdateMemoryWindow":
+        release_free_heap()
+        self._before = _rss_bytes()
+        self._armed = reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _vm_hwm_bytes() if self._armed else None
+        if hwm is not None:
+            self.peak_bytes = hwm
+            self.increase_bytes = max(0, hwm - self._before)
+
+    def add_metrics(self, metrics: dict) -> None:
+        """``perf/update_peak_memory_gb`` and ``perf/update_memory_increase_gb`` (one value, in GiB), in the
+        list-per-micro-batch form verl's workers gather and flatten; nothing when unmeasured."""
+        if self.peak_bytes is None:
+            return
+        metrics["perf/update_peak_memory_gb"] = [self.peak_bytes / 2**30]
+        metrics["perf/update_memory_increase_gb"] = [self.increase_bytes / 2**30]
 
 
 class CPUDeviceModule:
@@ -148,7 +227,7 @@ class CPUDeviceModule:
 
     @staticmethod
     def reset_peak_memory_stats(device: Any = None) -> None:
-        return None
+        reset_peak_rss()
 
     @staticmethod
     def mem_get_info(device: Any = None) -> tuple[int, int]:
@@ -318,11 +397,20 @@ def _with_startup_checks(base: type) -> type:
         checks.check_tokenizer(getattr(model_config, "tokenizer", None) or model_config.local_path, role=role)
         base.__init__(self, model_config, engine_config, optimizer_config, checkpoint_config)
 
+    def train_batch(self, data, loss_function):
+        # One optimizer step; its peak memory is reported as perf/update_* (see UpdateMemoryWindow).
+        with UpdateMemoryWindow() as window:
+            outputs = base.train_batch(self, data, loss_function)
+        if isinstance(outputs, dict) and isinstance(outputs.get("metrics"), dict):
+            window.add_metrics(outputs["metrics"])
+        return outputs
+
     return type(
         f"CPU{base.__name__}",
         (base,),
         {
             "__init__": __init__,
+            "train_batch": train_batch,
             "__module__": __name__,
             "__doc__": f"verl's {base.__name__} on the CPU platform (FSDP2 over gloo), with start-up checks.",
         },
