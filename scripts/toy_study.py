@@ -424,6 +424,51 @@ def markdown(a, rows: list[dict], total_wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The paper's claims as paired comparisons (first rule's gain minus the second's, seed by seed), then the
+# other rules against all tokens.
+PAIRED = (("(a) entropy top-50% ≈ all tokens", "entropy_50", "all"),
+          ("(b) Soft-OR ≥ entropy at 20%", "soft_or_20", "entropy_20"),
+          ("(c) Q3 with few tokens near all tokens", "q3_20", "all"),
+          ("(d) Soft-OR bottom 50% clearly worse", "soft_or_bottom_50", "soft_or_50"),
+          ("Soft-OR 50% vs all tokens", "soft_or_50", "all"),
+          ("Soft-OR 20% vs all tokens", "soft_or_20", "all"),
+          ("entropy 20% vs all tokens", "entropy_20", "all"),
+          ("entropy sampling 50% vs all tokens", "entropy_sample_50", "all"))
+# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_rows(results: list[dict]) -> list[dict]:
+    """Per-seed differences of validation gains between two rules run with the same seeds (same student,
+    same validation samples before training, same step-1 rollouts), mean and t-interval over the seeds."""
+    gain = {(r["method"], r["seed"]): r["acc_after"] - r["acc_before"] for r in results}
+    rows = []
+    for claim, first, second in PAIRED:
+        seeds = sorted(s for (m, s) in gain if m == first and (second, s) in gain)
+        if not seeds:
+            continue
+        diffs = [gain[first, s] - gain[second, s] for s in seeds]
+        mean = statistics.fmean(diffs)
+        half = (_T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+                if len(diffs) > 1 else float("nan"))
+        rows.append({"claim": claim, "first": first, "second": second, "seeds": seeds, "diffs": diffs,
+                     "mean": mean, "ci95": half,
+                     "first_better_seeds": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["Paired comparisons (gain of the first rule minus gain of the second, seed by seed; mean ± the "
+             "half-width of a 95% Student-t interval over the seeds):", "",
+             "| comparison | first − second | mean ± 95% | per seed | first ahead on |", "|---|---|---|---|---|"]
+    for r in rows:
+        per_seed = ", ".join(f"{d:+.3f}" for d in r["diffs"])
+        ci = "" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.3f}"
+        lines.append(f"| {r['claim']} | {r['first']} − {r['second']} | {r['mean']:+.3f}{ci} | {per_seed} "
+                     f"(seeds {' '.join(map(str, r['seeds']))}) | {r['first_better_seeds']} of {len(r['diffs'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _update_memory_cell(row: dict) -> str:
     if not row.get("update_memory_seeds"):
         return "—"
@@ -479,6 +524,9 @@ def write_outputs(a, results: list[dict]) -> list[dict]:
         return rows
     write_csv(rows, a.out / "results.csv")
     md = markdown(a, rows, sum(r["wall_s"] for r in results))
+    paired = paired_rows(results)
+    if paired:
+        md += "\n" + paired_markdown(paired)
     (a.out / "results.md").write_text(md)
     s = study_settings(a)
     plot(rows, results, a.out / "toy_study.png",
