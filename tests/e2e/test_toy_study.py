@@ -12,7 +12,8 @@ end: float-rounding differences (~1e-8, from the order in which a prompt's sampl
 steps. In the committed study the final validation gain of one rule varies a lot between seeds (Soft-OR 50%:
 +0.109, +0.117, +0.008; all tokens +0.195, +0.057, +0.098), while the trends over training are steady. The
 test therefore asserts those trends: the exact reverse KL to the teacher falls (last 10 steps vs first 10),
-the training reward rises, the validation accuracy of the two rules does not fall on average, and Soft-OR
+the training reward rises, the validation accuracy of neither rule falls and their mean gain is at least
++0.05, and Soft-OR
 top 50% beats the bottom-50% control (which wrecks the student) by a wide margin. A broken method fails:
 an inverted keep-mask trains method ``all`` on nothing and swaps top and bottom, a loss of the wrong sign
 drives the student away from the teacher.
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 # two rules' mean +0.05 to +0.15; Soft-OR top - bottom 50% validation gain +0.34 / +0.35.
 MAX_KL_RATIO = 0.9  # all tokens and Soft-OR top 50%: mean reverse KL of the last 10 steps / of the first 10
 MIN_REWARD_RISE = 0.02  # ... and their training reward (critic/score/mean), last 10 steps - first 10
-MIN_MEAN_GAIN = 0.0  # mean validation gain (after - before, mean@4 at T=1) of the two rules
+MIN_GAIN_EACH = 0.0  # validation gain (after - before, mean@4 at T=1) of each of the two rules: none falls
+MIN_MEAN_GAIN = 0.05  # ... and their mean (seed 0 measured +0.152 in the committed study, +0.10 on a later tree)
 MIN_TOP_OVER_BOTTOM = 0.15  # Soft-OR top 50% gain - bottom 50% gain (the paper's claim (d))
 
 
@@ -83,6 +85,7 @@ def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
     for m in ("all", "soft_or_50"):
         assert kl_ratio[m] <= MAX_KL_RATIO, summary
         assert reward_rise[m] >= MIN_REWARD_RISE, summary
+        assert gain[m] >= MIN_GAIN_EACH, summary
     assert (gain["all"] + gain["soft_or_50"]) / 2 >= MIN_MEAN_GAIN, summary
     assert gain["soft_or_50"] - gain["soft_or_bottom_50"] >= MIN_TOP_OVER_BOTTOM, summary
 
@@ -98,6 +101,8 @@ def test_opd_with_tip_teaches_the_student(tiny_assets, tmp_path, monkeypatch):
         assert len({step1[m][key] for m in rows}) == 1, (key, {m: step1[m][key] for m in rows})
     raw = json.loads((out / "runs" / "soft_or_50_seed0.json").read_text())
     assert raw["acc_key"] == "val-core/tip_tiny_addition/acc/mean@4" and raw["n_test_prompts"] == 128
+    # the update step's own memory is measured (CPU engines, UpdateMemoryWindow) and below its peak
+    assert 0 < raw["update_memory_increase_gb"] < raw["update_peak_memory_gb"], raw
     assert "tip.method=soft_or" in raw["overrides"] and "+tip.selection_scope=sequence" in raw["overrides"]
     assert Path(raw["log"]).is_file() and str(tmp_path / "logs") in raw["log"]  # per-run logs stay outside --out
 
