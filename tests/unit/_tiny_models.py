@@ -3,12 +3,18 @@
 Single process, no Ray: the environment of a one-rank job (RANK/WORLD_SIZE/MASTER_*), the CPU
 platform of tip_verl, verl's hydra config for ``actor_rollout_ref``, and update batches in the
 no-padding (nested) layout verl's V1 trainer sends to ``update_actor``, or in the left/right padded
-layout converted by verl's ``left_right_2_no_padding``.
+layout converted by verl's ``left_right_2_no_padding``. Engine tests run their engines in a child
+process (:func:`run_engine_child`) and compare with :func:`assert_close`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -16,8 +22,87 @@ import torch
 from tip_verl.verl_adapter.cpu_overrides import cpu_env, fsdp2_engine_overrides
 from tip_verl.verl_adapter.local_workers import compose_ppo_config, free_port, update_meta, world_of_one_env
 
-__all__ = ["actor_config", "build_tiny_qwen2", "free_port", "random_rollout", "setup_cpu_verl", "single_process_env",
-           "update_batch"]
+__all__ = ["actor_config", "assert_close", "assert_same_update", "build_tiny_qwen2", "environ_reads", "free_port", "random_rollout",
+           "run_engine_child", "setup_cpu_verl", "single_process_env", "tip_worker_config", "update_batch",
+           "write_engine_results"]
+
+#: float32 tolerance of the exactness tests (sparse / chunked lm_head against verl's full logits)
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def write_engine_results(out_dir, results: dict) -> None:
+    """What an engine child process hands back to :func:`run_engine_child` (tensors and lists in a dict)."""
+    out = Path(out_dir)
+    torch.save(results, out / "results.pt")
+    (out / "done.json").write_text(json.dumps({"cases": sorted(results.get("cases", {}))}))
+
+
+def run_engine_child(script, out_dir, *, timeout: int = 1500) -> dict:
+    """Run ``script`` (a test file whose ``__main__`` writes its results into its argument with
+    :func:`write_engine_results`) in a fresh process and load what it wrote.
+
+    verl resolves its platform once per process and the child creates its own one-rank process group,
+    so the engine cases do not depend on which other tests imported verl first.
+    """
+    out = Path(out_dir)
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), str(out)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0 or not (out / "results.pt").exists():
+        raise AssertionError(f"engine child process failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, *, rtol: float = RTOL, atol: float = ATOL) -> None:
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: max |diff| {(a - b).abs().max().item():.3e}"
+
+
+@contextlib.contextmanager
+def environ_reads(prefix: str = "TIP_VERL"):
+    """The keys starting with ``prefix`` that code inside the block reads from ``os.environ`` (a list, filled
+    as they are read: ``os.environ[...]``, ``.get``, ``os.getenv``, ``in``)."""
+    reads: list[str] = []
+    real = os.environ
+
+    class _Counting(type(real)):
+        def __getitem__(self, key):
+            if str(key).startswith(prefix):
+                reads.append(str(key))
+            return super().__getitem__(key)
+
+    os.environ = _Counting(real._data, real.encodekey, real.decodekey, real.encodevalue, real.decodevalue)
+    try:
+        yield reads
+    finally:
+        os.environ = real
+
+
+def assert_same_update(result: dict, what: str, *, nonzero=("lm_head", "embed_tokens")) -> None:
+    """An engine case's ``loss_sparse`` / ``grads_sparse`` equal ``loss_full`` / ``grads_full`` (verl's own
+    path), every gradient float32, and the reference gradients of the ``nonzero`` parameters are not zero."""
+    assert_close(result["loss_sparse"], result["loss_full"], f"{what} loss")
+    assert result["grads_full"].keys() == result["grads_sparse"].keys()
+    for name, g_full in result["grads_full"].items():
+        if any(part in name for part in nonzero):
+            assert g_full.abs().sum() > 0, f"{what}: reference gradient of {name} is zero"
+        assert result["grads_sparse"][name].dtype == torch.float32
+        assert_close(result["grads_sparse"][name], g_full, f"{what} grad {name}")
+
+
+def tip_worker_config(actor_rollout_ref, **settings):
+    """A copy of ``actor_rollout_ref`` with the ``tip_worker`` node the tip_sync trainer writes (``settings``:
+    :class:`~tip_verl.verl_adapter.opd_config.TIPWorkerConfig` fields), for ``TIPActorRolloutRefWorker``."""
+    from omegaconf import open_dict
+
+    from tip_verl.verl_adapter.opd_config import WORKER_NODE, TIPWorkerConfig
+
+    cfg = actor_rollout_ref.copy()
+    with open_dict(cfg):
+        cfg[WORKER_NODE] = TIPWorkerConfig(**settings).to_node()
+    return cfg
 
 
 def single_process_env(port: Optional[int] = None) -> dict[str, str]:

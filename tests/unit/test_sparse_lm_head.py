@@ -3,9 +3,11 @@
 Every case runs verl's real actor engine (``FSDPEngineWithLMHead`` as registered for tip_verl's CPU
 platform; FSDP2, float32) twice on the same tiny random Qwen2 and the same update batch: once as
 verl ships it (logits for every packed token, keep-mask applied only through
-``response_mask``/``loss_mask`` in ``ppo_loss``) and once through
-:class:`SparseLMHeadTrainingWorker` (set as ``actor_worker_cls`` of verl's ``ActorRolloutRefWorker``,
-as the TIP worker does). Loss and every parameter gradient must match.
+``response_mask``/``loss_mask`` in ``ppo_loss``) and once through the TIP worker
+(:class:`~tip_verl.verl_adapter.teacher.TIPActorRolloutRefWorker`, whose ``actor_worker_cls`` is
+:class:`TIPLMHeadTrainingWorker`, built from the ``actor_rollout_ref.tip_worker`` node the trainer
+writes). Loss and every parameter gradient must match; ``+tip.sparse_lm_head=false`` in that node
+restores verl's computation, and no environment variable is read in the update step.
 
 The engines run in one child process (this file run as a script): verl resolves its platform once
 per process and a one-rank process group is created there, so the cases do not depend on which
@@ -14,9 +16,6 @@ other tests imported verl first. The child writes tensors; the assertions are he
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _tiny_models import assert_close, assert_same_update, run_engine_child  # noqa: E402
 
 VOCAB = 160
 BATCH = 4
@@ -64,8 +66,6 @@ BATCH_CASES = {
 
 CASES = [f"{engine}/{case}" for engine in ENGINES for case in BATCH_CASES]
 
-RTOL, ATOL = 1e-5, 1e-6
-
 
 # ---------------------------------------------------------------------------------------------
 # child process
@@ -100,7 +100,6 @@ def _projected_rows(output) -> int:
 def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child process
     import logging
 
-    sys.path.insert(0, str(HERE))
     import _tiny_models as tm
 
     tm.setup_cpu_verl()
@@ -110,6 +109,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
     from tip_verl.verl_adapter import sparse_lm_head as slh
+    from tip_verl.verl_adapter.teacher import TIPActorRolloutRefWorker
 
     class Records(logging.Handler):
         def __init__(self):
@@ -121,9 +121,6 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
 
     records = Records()
     logging.getLogger(slh.__name__).addHandler(records)
-
-    class SparseActor(ActorRolloutRefWorker):
-        actor_worker_cls = slh.SparseLMHeadTrainingWorker
 
     out = Path(out_dir)
     model_paths = {
@@ -177,7 +174,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         cfg = tm.actor_config(model_paths[opts["tied"]], overrides)
         plain = ActorRolloutRefWorker(config=cfg.copy(), role="actor")
         plain.init_model()
-        sparse = SparseActor(config=cfg.copy(), role="actor")
+        sparse = TIPActorRolloutRefWorker(config=tm.tip_worker_config(cfg), role="actor")
         sparse.init_model()
         plain_cls, sparse_cls = type(plain.actor.engine), type(sparse.actor.engine)
         results["meta"][engine_name] = {
@@ -197,13 +194,15 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
             run = dict(dynamic=case.get("dynamic", False), rmpad=opts["use_remove_padding"],
                        fused=opts["use_fused_kernels"])
             loss_full, grads_full, rows_full = run_update(plain, tm.update_batch(rollout, keep, **kwargs), **run)
-            loss_sparse, grads_sparse, rows_sparse = run_update(sparse, tm.update_batch(rollout, keep, **kwargs), **run)
+            with tm.environ_reads() as env_reads:
+                loss_sparse, grads_sparse, rows_sparse = run_update(sparse, tm.update_batch(rollout, keep, **kwargs),
+                                                                    **run)
             results["cases"][f"{engine_name}/{case_name}"] = {
                 "loss_full": loss_full, "loss_sparse": loss_sparse,
                 "grads_full": grads_full, "grads_sparse": grads_sparse,
                 "projected_rows_full": rows_full, "projected_rows_sparse": rows_sparse,
                 "kept": int(keep.sum()), "total_tokens": sum(PROMPT_LENS) + sum(RESPONSE_LENS),
-                "fused": opts["use_fused_kernels"],
+                "fused": opts["use_fused_kernels"], "env_reads": list(env_reads),
             }
 
         if engine_name == "rmpad":
@@ -235,13 +234,17 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
             fb["warnings"] = list(records.messages)
             results["fallback_runtime"] = fb
 
-            # the switch TIP_VERL_SPARSE_LM_HEAD=0 restores verl's full computation
-            os.environ["TIP_VERL_SPARSE_LM_HEAD"] = "0"
-            try:
-                _, _, rows = run_update(sparse, tm.update_batch(rollout, keep, seed=1), **run)
-            finally:
-                del os.environ["TIP_VERL_SPARSE_LM_HEAD"]
-            results["switched_off_rows"] = rows
+            # +tip.sparse_lm_head=false (the tip_worker node) restores verl's full computation
+            off = TIPActorRolloutRefWorker(config=tm.tip_worker_config(cfg, sparse_lm_head=False), role="actor")
+            off.init_model()
+            with tm.environ_reads() as env_reads:
+                loss_off, grads_off, rows = run_update(off, tm.update_batch(rollout, keep, seed=1), **run)
+            loss_ref, grads_ref, _ = run_update(plain, tm.update_batch(rollout, keep, seed=1), **run)
+            results["switched_off"] = {"rows": rows, "env_reads": list(env_reads), "loss": loss_off, "grads": grads_off,
+                                       "loss_ref": loss_ref, "grads_ref": grads_ref,
+                                       "sparse_lm_head": off.actor.engine.tip_settings.sparse_lm_head,
+                                       "engine": type(off.actor.engine).__name__}
+            del off
 
             # fallback: an engine that is not a causal-LM FSDP engine is left as it is, warned once
             records.messages.clear()
@@ -268,8 +271,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
 
         del plain, sparse
 
-    torch.save(results, out / "results.pt")
-    (out / "done.json").write_text(json.dumps({"cases": sorted(results["cases"])}))
+    tm.write_engine_results(out, results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,33 +279,12 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sparse_lm_head")
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    env.pop("TIP_VERL_SPARSE_LM_HEAD", None)  # the switch is exercised explicitly
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(out)],
-        env=env, capture_output=True, text=True, timeout=1500,
-    )
-    if proc.returncode != 0 or not (out / "results.pt").exists():
-        raise AssertionError(f"engine child process failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return torch.load(out / "results.pt", weights_only=False)
-
-
-def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
-    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL), f"{what}: max |diff| {(a - b).abs().max().item():.3e}"
+    return run_engine_child(__file__, tmp_path_factory.mktemp("sparse_lm_head"))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_grads_match_full_logits(results, case):
-    r = results["cases"][case]
-    _assert_close(r["loss_sparse"], r["loss_full"], f"{case} loss")
-    assert r["grads_full"].keys() == r["grads_sparse"].keys()
-    assert any(g.abs().sum() > 0 for g in r["grads_full"].values()), "reference gradients are all zero"
-    for name, g_full in r["grads_full"].items():
-        assert r["grads_sparse"][name].dtype == torch.float32
-        _assert_close(r["grads_sparse"][name], g_full, f"{case} grad {name}")
+    assert_same_update(results["cases"][case], case)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -330,9 +311,9 @@ def test_log_prob_pass_is_unchanged(results):
 
 def test_full_update_step_matches(results):
     step = results["update_actor"]
-    _assert_close(step["sparse"]["pg_loss"], step["plain"]["pg_loss"], "pg_loss metric")
+    assert_close(step["sparse"]["pg_loss"], step["plain"]["pg_loss"], "pg_loss metric")
     for name, p in step["plain"]["params"].items():
-        _assert_close(step["sparse"]["params"][name], p, f"param {name} after one step")
+        assert_close(step["sparse"]["params"][name], p, f"param {name} after one step")
 
 
 def test_fallback_warns_once_and_stays_exact(results):
@@ -340,13 +321,24 @@ def test_fallback_warns_once_and_stays_exact(results):
     sparse_warnings = [m for m in fb["warnings"] if "calculate_sum_pi_squared" in m]
     assert len(sparse_warnings) == 1, fb["warnings"]
     assert sum(fb["sparse"]["rows"]) == sum(PROMPT_LENS) + sum(RESPONSE_LENS)  # full computation
-    _assert_close(fb["sparse"]["loss"], fb["plain"]["loss"], "fallback loss")
+    assert_close(fb["sparse"]["loss"], fb["plain"]["loss"], "fallback loss")
     for name, g in fb["plain"]["grads"].items():
-        _assert_close(fb["sparse"]["grads"][name], g, f"fallback grad {name}")
+        assert_close(fb["sparse"]["grads"][name], g, f"fallback grad {name}")
 
 
-def test_environment_switch_turns_it_off(results):
-    assert sum(results["switched_off_rows"]) == sum(PROMPT_LENS) + sum(RESPONSE_LENS)
+def test_config_node_switch_turns_it_off(results):
+    off = results["switched_off"]
+    assert off["sparse_lm_head"] is False and off["engine"].startswith("TIPLMHead")
+    assert sum(off["rows"]) == sum(PROMPT_LENS) + sum(RESPONSE_LENS)  # verl's full computation
+    assert off["env_reads"] == []
+    assert_close(off["loss"], off["loss_ref"], "switched-off loss")  # same batch through verl's own engine
+    for name, g in off["grads_ref"].items():
+        assert_close(off["grads"][name], g, f"switched-off grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_environment_variable_is_read_in_the_update_step(results, case):
+    assert results["cases"][case]["env_reads"] == []
 
 
 def test_uncovered_engine_is_left_alone_with_one_warning(results):

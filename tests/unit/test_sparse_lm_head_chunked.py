@@ -1,19 +1,19 @@
 """Exactness at scale of the chunked kept-row lm_head inside verl's update step (issue 12, point 3).
 
 Same method as ``test_sparse_lm_head.py`` (verl's real FSDP2 actor engine, float32, run as verl ships
-it and through :class:`SparseLMHeadTrainingWorker`, loss and every parameter gradient compared), but
-with hundreds of kept rows in one micro-batch and ``TIP_VERL_LM_HEAD_CHUNK_ROWS=64``, so the chunked
-lm_head (:func:`tip_verl.kept_logprobs.kept_logprobs`) runs several chunks with a ragged tail; plus
-K = 1, K = N (every response token kept), remove-padding on and off, tied and untied lm_heads,
-entropy with temperature, and the unchunked gather-first path (``TIP_VERL_LM_HEAD_CHUNK_ROWS=0``).
-The engines run in one child process (this file run as a script); the assertions are here.
+it and through the TIP worker's :class:`TIPLMHeadTrainingWorker`, loss and every parameter gradient
+compared), but with hundreds of kept rows in one micro-batch and ``+tip.lm_head_chunk_rows=64`` (the
+``actor_rollout_ref.tip_worker`` node the trainer writes), so the chunked lm_head
+(:func:`tip_verl.kept_logprobs.kept_logprobs`) runs several chunks with a ragged tail; plus K = 1,
+K = N (every response token kept), remove-padding on and off, tied and untied lm_heads, entropy with
+temperature, and the unchunked gather-first path (``+tip.lm_head_chunk_rows=0``). The setting reaches
+the engine from the config node, and no environment variable is read during the update step. The
+engines run in one child process (this file run as a script); the assertions are here.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,6 +21,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _tiny_models import assert_same_update, run_engine_child  # noqa: E402
 
 VOCAB = 211
 PROMPT_LENS = (5, 9, 3, 7)
@@ -34,18 +37,16 @@ ENGINES = {
     "tied_rmpad": {"use_remove_padding": True, "tied": True},
 }
 
-#: name: (mask, chunk rows env value, entropy, temperature)
+#: name: (mask, +tip.lm_head_chunk_rows, entropy, temperature)
 BATCH_CASES = {
-    "all_kept_K_eq_N": ("all", str(CHUNK), False, 1.0),
-    "half_kept": ("half", str(CHUNK), False, 1.0),
-    "one_kept_K_eq_1": ("one", str(CHUNK), False, 1.0),
-    "half_kept_entropy_temperature": ("half", str(CHUNK), True, 0.7),
-    "half_kept_gather_first_unchunked": ("half", "0", True, 0.7),
+    "all_kept_K_eq_N": ("all", CHUNK, False, 1.0),
+    "half_kept": ("half", CHUNK, False, 1.0),
+    "one_kept_K_eq_1": ("one", CHUNK, False, 1.0),
+    "half_kept_entropy_temperature": ("half", CHUNK, True, 0.7),
+    "half_kept_gather_first_unchunked": ("half", 0, True, 0.7),
 }
 
 CASES = [f"{engine}/{case}" for engine in ENGINES for case in BATCH_CASES]
-
-RTOL, ATOL = 1e-5, 1e-6
 
 
 def _keep_mask(kind: str, seed: int) -> torch.Tensor:
@@ -64,7 +65,6 @@ def _keep_mask(kind: str, seed: int) -> torch.Tensor:
 
 
 def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child process
-    sys.path.insert(0, str(HERE))
     import _tiny_models as tm
 
     tm.setup_cpu_verl()
@@ -73,6 +73,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
     from tip_verl.verl_adapter import sparse_lm_head as slh
+    from tip_verl.verl_adapter.teacher import TIPActorRolloutRefWorker
 
     calls = []  # (rows, chunk_rows) of every chunked lm_head call
     real = slh.kept_logprobs
@@ -82,9 +83,6 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         return real(hidden, weight, labels, **kw)
 
     slh.kept_logprobs = spy
-
-    class SparseActor(ActorRolloutRefWorker):
-        actor_worker_cls = slh.SparseLMHeadTrainingWorker
 
     out = Path(out_dir)
     model_paths = {
@@ -119,71 +117,61 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         cfg = tm.actor_config(model_paths[opts["tied"]], overrides)
         plain = ActorRolloutRefWorker(config=cfg.copy(), role="actor")
         plain.init_model()
-        sparse = SparseActor(config=cfg.copy(), role="actor")
-        sparse.init_model()
-        for seed, (case_name, (mask, chunk_env, entropy, temperature)) in enumerate(BATCH_CASES.items()):
+        sparse = {}  # the TIP worker of each chunk setting, built from the tip_worker node as in tip_sync
+        for rows in sorted({case[1] for case in BATCH_CASES.values()}):
+            sparse[rows] = TIPActorRolloutRefWorker(config=tm.tip_worker_config(cfg, lm_head_chunk_rows=rows),
+                                                    role="actor")
+            sparse[rows].init_model()
+        for seed, (case_name, (mask, chunk_rows, entropy, temperature)) in enumerate(BATCH_CASES.items()):
             keep = _keep_mask(mask, seed)
             kw = dict(seed=seed, temperature=temperature, calculate_entropy=entropy)
             loss_full, grads_full = run_update(plain, tm.update_batch(rollout, keep, **kw), opts["use_remove_padding"])
-            os.environ[slh.ENV_CHUNK_ROWS] = chunk_env
             calls.clear()
-            try:
-                loss_sparse, grads_sparse = run_update(sparse, tm.update_batch(rollout, keep, **kw),
+            worker = sparse[chunk_rows]
+            with tm.environ_reads() as env_reads:
+                loss_sparse, grads_sparse = run_update(worker, tm.update_batch(rollout, keep, **kw),
                                                        opts["use_remove_padding"])
-            finally:
-                del os.environ[slh.ENV_CHUNK_ROWS]
             results["cases"][f"{engine_name}/{case_name}"] = {
                 "loss_full": loss_full, "loss_sparse": loss_sparse, "grads_full": grads_full,
                 "grads_sparse": grads_sparse, "kept": int(keep.sum()), "chunk_calls": list(calls),
-                "chunk_env": int(chunk_env),
+                "chunk_rows": chunk_rows, "engine_settings": dataclasses.asdict(worker.actor.engine.tip_settings),
+                "env_reads": list(env_reads),
             }
         del plain, sparse
 
-    torch.save(results, out / "results.pt")
-    (out / "done.json").write_text(json.dumps({"cases": sorted(results["cases"])}))
+    tm.write_engine_results(out, results)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sparse_lm_head_chunked")
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    env.pop("TIP_VERL_SPARSE_LM_HEAD", None)
-    env.pop("TIP_VERL_LM_HEAD_CHUNK_ROWS", None)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out)],
-                          env=env, capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0 or not (out / "results.pt").exists():
-        raise AssertionError(f"engine child process failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return torch.load(out / "results.pt", weights_only=False)
-
-
-def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str):
-    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    assert torch.allclose(a, b, rtol=RTOL, atol=ATOL), f"{what}: max |diff| {(a - b).abs().max().item():.3e}"
+    return run_engine_child(__file__, tmp_path_factory.mktemp("sparse_lm_head_chunked"))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_grads_match_verl_full_logits(results, case):
-    r = results["cases"][case]
-    _assert_close(r["loss_sparse"], r["loss_full"], f"{case} loss")
-    assert r["grads_full"].keys() == r["grads_sparse"].keys()
-    for name, g_full in r["grads_full"].items():
-        if "lm_head" in name or "embed_tokens" in name:
-            assert g_full.abs().sum() > 0, f"{case}: reference gradient of {name} is zero"
-        _assert_close(r["grads_sparse"][name], g_full, f"{case} grad {name}")
+    assert_same_update(results["cases"][case], case)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_chunked_path_ran_with_several_chunks(results, case):
     r = results["cases"][case]
-    if r["chunk_env"] == 0:
+    if r["chunk_rows"] == 0:
         assert r["chunk_calls"] == []  # gather-first only: the lm_head module computed the kept logits
         return
-    assert r["chunk_calls"] == [(r["kept"], CHUNK)]  # one micro-batch, every kept row, chunk from the env
+    assert r["chunk_calls"] == [(r["kept"], CHUNK)]  # one micro-batch, every kept row, chunk from the config
     if "K_eq_N" in case:
         assert r["kept"] == sum(RESPONSE_LENS) and r["kept"] % CHUNK != 0 and r["kept"] > 5 * CHUNK
     if "K_eq_1" in case:
         assert r["kept"] == 1
+
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_setting_reaches_the_engine_from_the_config_node_and_no_env_is_read(results, case):
+    r = results["cases"][case]
+    assert r["engine_settings"] == {"teacher_path": None, "loss": "pg", "sparse_lm_head": True,
+                                    "lm_head_chunk_rows": r["chunk_rows"]}
+    assert r["env_reads"] == []  # nothing TIP_VERL_* is read per micro-batch (or per step)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def test_use_shm_goes_through_verls_copy_for_both_models(student, hf_cache, tmp_
 
 def test_trainer_start_up_checks_the_resolved_hub_teacher(student, hf_cache, tmp_path):
     """tip_sync start-up, before verl's trainer is built: top-k bound from the cached teacher, path to the workers."""
-    from tip_verl.verl_adapter.teacher import TEACHER_PATH_KEY
+    from tip_verl.verl_adapter.opd_config import WORKER_NODE
     from tip_verl.verl_adapter.trainer import TIPTrainerMixin
 
     class _NoVerl:  # stands in for verl's PPOTrainerSync, built after the checks
@@ -122,7 +122,7 @@ def test_trainer_start_up_checks_the_resolved_hub_teacher(student, hf_cache, tmp
     with pytest.raises(TIPConfigError, match=r"\+tip.topk_k=65 exceeds the teacher's vocabulary size 64"):
         Trainer(job(65))
     trainer = Trainer(job(8))
-    assert trainer.tip_vocab_size == 64 and trainer.config.actor_rollout_ref[TEACHER_PATH_KEY] == HUB_ID
+    assert trainer.tip_vocab_size == 64 and trainer.config.actor_rollout_ref[WORKER_NODE].teacher_path == HUB_ID
 
 
 def test_teacher_server_checkpoint_resolves_like_verls_teacher_loop(student, hf_cache):

@@ -139,3 +139,50 @@ def test_method_all_equals_plain_opd(tiny_assets, signals):
     assert _metric(m_tip, "actor/pg_loss") == pytest.approx(_metric(m_plain, "actor/pg_loss"), rel=1e-5)
     assert torch.allclose(lp_tip, lp_plain, atol=1e-5)
     assert (lp_tip - student_lp)[mask].abs().max() > 1e-3  # the update did something
+
+
+def test_worker_settings_are_one_node_resolved_on_the_driver(tmp_path, monkeypatch):
+    """+tip.sparse_lm_head / +tip.lm_head_chunk_rows (and the teacher path, the loss) reach the workers as one
+    validated node, actor_rollout_ref.tip_worker; the old environment variables stop the job naming the flag."""
+    from tip_verl.verl_adapter.opd_config import (RETIRED_ENV, TIPConfigError, TIPWorkerConfig,
+                                                  validate_verl_config)
+
+    def run(**tip):
+        return TIPRunConfig.from_mapping({"teacher_path": str(tmp_path), **tip})
+
+    assert run().worker_config() == TIPWorkerConfig(teacher_path=str(tmp_path))  # defaults: sparse, 64 MiB chunks
+    worker = run(sparse_lm_head=True, lm_head_chunk_rows=64, teacher_signal="topk",
+                 loss="topk_reverse_kl").worker_config()
+    assert worker.to_node() == {"teacher_path": str(tmp_path), "loss": "topk_reverse_kl", "sparse_lm_head": True,
+                                "lm_head_chunk_rows": 64}
+    assert TIPWorkerConfig.from_node(worker.to_node()) == worker
+    assert TIPWorkerConfig.from_node(None) == TIPWorkerConfig()
+    assert run(lm_head_chunk_rows=0).worker_config().lm_head_chunk_rows == 0
+    assert run(sparse_lm_head=False).worker_config().sparse_lm_head is False
+    for tip, match in [
+        ({"sparse_lm_head": "no"}, r"\+tip.sparse_lm_head=no is invalid"),
+        ({"lm_head_chunk_rows": -1}, r"\+tip.lm_head_chunk_rows=-1 is invalid"),
+        ({"lm_head_chunk_rows": True}, r"\+tip.lm_head_chunk_rows=True is invalid"),
+        ({"sparse_lm_head": False, "lm_head_chunk_rows": 8}, r"only used with the sparse lm_head"),
+        ({"sparse_lm_head": False, "teacher_signal": "topk", "loss": "topk_reverse_kl"},
+         r"\+tip.sparse_lm_head=false turns the sparse lm_head off"),
+    ]:
+        with pytest.raises(TIPConfigError, match=match):
+            run(**tip)
+    with pytest.raises(TIPConfigError, match="unknown keys"):
+        TIPWorkerConfig.from_node({"sparse": True})
+
+    from omegaconf import OmegaConf
+
+    job = OmegaConf.create({
+        "trainer": {"v1": {"trainer_mode": "tip_sync"}},
+        "algorithm": {"adv_estimator": "tip_opd"},
+        "actor_rollout_ref": {"actor": {"use_kl_loss": False, "entropy_coeff": 0}},
+        "tip": {"teacher_path": str(tmp_path), "lm_head_chunk_rows": 32},
+    })
+    assert validate_verl_config(job).worker_config().lm_head_chunk_rows == 32
+    for name, flag in RETIRED_ENV.items():
+        monkeypatch.setenv(name, "0")
+        with pytest.raises(TIPConfigError, match=f"{name} is no longer read; use {flag.replace('+', '[+]')}"):
+            validate_verl_config(job)
+        monkeypatch.delenv(name)

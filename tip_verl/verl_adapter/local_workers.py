@@ -400,8 +400,6 @@ class LocalWorkers:
             epochs=epochs, calculate_entropy=bool(arr.actor.calculate_entropy or arr.actor.entropy_coeff != 0.0),
             micro_batch_size_per_gpu=self._micro(mbs, arr.actor.ppo_micro_batch_size_per_gpu),
         )
-        if teacher_topk is not None:
-            info[topk_signal.FLAG_TOPK_LOSS] = True
         info.update(meta)
         td = to_no_padding(data, **info)
         if teacher_topk is not None:
@@ -467,12 +465,12 @@ def build_local_workers(
     arr = config.actor_rollout_ref.copy()
     if ref_model_path is not None:
         # The workers of the tip_sync trainer: ref = the teacher checkpoint, actor = sparse lm_head update.
-        from tip_verl.verl_adapter.teacher import LOSS_KEY, TEACHER_PATH_KEY, TIPActorRolloutRefWorker
+        from tip_verl.verl_adapter.opd_config import WORKER_NODE, TIPWorkerConfig
+        from tip_verl.verl_adapter.teacher import TIPActorRolloutRefWorker
 
         worker_cls = TIPActorRolloutRefWorker
-        with open_dict(arr):
-            arr[TEACHER_PATH_KEY] = ref_model_path
-            arr[LOSS_KEY] = tip_loss
+        with open_dict(arr):  # the node the tip_sync trainer writes from +tip.*
+            arr[WORKER_NODE] = TIPWorkerConfig(teacher_path=ref_model_path, loss=tip_loss).to_node()
     actor = worker_cls(config=arr.copy(), role="actor")
     actor.init_model()
     ref = None

@@ -12,6 +12,10 @@ no teacher path and no ``tip_opd`` are given: TIP masks verl's distillation loss
 here, on the driver before Ray starts (:mod:`.preflight` calls :func:`validate_verl_config` from verl's
 ``validate_config``) and again in the trainer, where the teacher path is also resolved and checked with
 verl's own code before any model loads; every error names the offending flag.
+
+What the workers need of it (teacher path, loss, ``+tip.sparse_lm_head``, ``+tip.lm_head_chunk_rows``)
+is one :class:`TIPWorkerConfig`, which the trainer writes once as ``actor_rollout_ref.tip_worker`` and
+each worker parses once (:class:`~tip_verl.verl_adapter.teacher.TIPActorRolloutRefWorker`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,72 @@ TEACHER_SIGNALS = ("sampled", "topk")
 LOSSES = ("pg", "topk_reverse_kl")
 
 
+#: Environment variables of earlier versions; their settings are now the flags named here (see
+#: :func:`_check_retired_environment`).
+RETIRED_ENV = {"TIP_VERL_SPARSE_LM_HEAD": "+tip.sparse_lm_head=false",
+               "TIP_VERL_LM_HEAD_CHUNK_ROWS": "+tip.lm_head_chunk_rows=N"}
+#: The node the TIP trainer adds under ``actor_rollout_ref`` (the config every verl worker receives): one
+#: :class:`TIPWorkerConfig` as a plain mapping.
+WORKER_NODE = "tip_worker"
+
+
 class TIPConfigError(ValueError):
     """A bad or contradictory flag for OPD with TIP; the message names the flag."""
+
+
+def _check_rows(flag: str, value: Any) -> int | None:
+    """``+tip.lm_head_chunk_rows``: None (the default chunk of 64 MiB of float32 logits), 0 (no chunking) or rows."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TIPConfigError(f"{flag}={value} is invalid: must be an integer >= 0 (0 = no chunking) or null (default).")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TIPWorkerConfig:
+    """What the TIP workers need, resolved once on the driver and read once by each worker.
+
+    The TIP trainer writes it as ``actor_rollout_ref.tip_worker`` (:data:`WORKER_NODE`, :meth:`to_node`);
+    :class:`~tip_verl.verl_adapter.teacher.TIPActorRolloutRefWorker` parses it in its constructor
+    (:meth:`from_node`) and hands it to the engines it builds, which read the attributes, never the
+    environment. Per-call facts (which pass a call is) still travel as batch flags
+    (:mod:`~tip_verl.verl_adapter.topk_signal`).
+    """
+
+    #: the teacher checkpoint the ref worker loads (``+tip.teacher_path``); None on the teacher-server path
+    teacher_path: str | None = None
+    #: the actor loss (``+tip.loss``): ``pg`` (verl's ppo_loss) or ``topk_reverse_kl``
+    loss: str = "pg"
+    #: the update step runs the lm_head only at kept tokens (``+tip.sparse_lm_head``)
+    sparse_lm_head: bool = True
+    #: kept rows per chunk of the chunked lm_head (``+tip.lm_head_chunk_rows``): None = 64 MiB of float32
+    #: logits, 0 = the (K, vocab) kept logits in one block
+    lm_head_chunk_rows: int | None = None
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise TIPConfigError(f"+tip.loss={self.loss} is invalid: must be one of {', '.join(LOSSES)}.")
+        if not isinstance(self.sparse_lm_head, bool):
+            raise TIPConfigError(f"+tip.sparse_lm_head={self.sparse_lm_head} is invalid: must be true or false.")
+        _check_rows("+tip.lm_head_chunk_rows", self.lm_head_chunk_rows)
+        if self.loss == "topk_reverse_kl" and not self.sparse_lm_head:
+            raise TIPConfigError(
+                "+tip.loss=topk_reverse_kl is computed from the sparse lm_head's kept-row logits, but "
+                "+tip.sparse_lm_head=false turns the sparse lm_head off; drop it or use +tip.loss=pg."
+            )
+
+    def to_node(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any] | None) -> "TIPWorkerConfig":
+        """Parse ``actor_rollout_ref.tip_worker`` (absent: the defaults)."""
+        node = dict(node or {})
+        unknown = sorted(set(node) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TIPConfigError(f"actor_rollout_ref.{WORKER_NODE} has unknown keys {unknown}")
+        return cls(**node)
 
 
 def tip_opd_advantage(*args, **kwargs):
@@ -64,8 +132,12 @@ class TIPRunConfig:
     records_max_rows: int = 2000
     records_dir: str | None = None  # default: <trainer.default_local_dir>/tip_records
 
+    #: the actor's lm_head at kept tokens, and its chunk rows (:class:`TIPWorkerConfig`)
+    sparse_lm_head: bool = True
+    lm_head_chunk_rows: int | None = None
+
     RUN_KEYS = ("teacher_path", "advantage_estimator", "teacher_signal", "topk_k", "loss", "records_every",
-                "records_max_rows", "records_dir")
+                "records_max_rows", "records_dir", "sparse_lm_head", "lm_head_chunk_rows")
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any] | None, *, teacher_server: Mapping[str, Any] | None = None
@@ -90,6 +162,13 @@ class TIPRunConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                     raise TIPConfigError(f"+tip.{key}={value} is invalid: must be an integer >= {lowest}.")
                 run[key] = value
+        if "sparse_lm_head" in node:
+            value = node.pop("sparse_lm_head")
+            if not isinstance(value, bool):
+                raise TIPConfigError(f"+tip.sparse_lm_head={value} is invalid: must be true or false.")
+            run["sparse_lm_head"] = value
+        if "lm_head_chunk_rows" in node:
+            run["lm_head_chunk_rows"] = _check_rows("+tip.lm_head_chunk_rows", node.pop("lm_head_chunk_rows"))
         if node.get("records_dir") is not None:
             run["records_dir"] = os.path.expanduser(str(node.pop("records_dir")))
         node.pop("records_dir", None)
@@ -107,7 +186,14 @@ class TIPRunConfig:
                 "+tip.importance_weighting=True scales the policy-gradient advantages; it has no effect on "
                 "+tip.loss=topk_reverse_kl. Use +tip.loss=pg with importance weighting."
             )
-        return cls(selection=selection, **run)
+        if run.get("lm_head_chunk_rows") is not None and not run.get("sparse_lm_head", True):
+            raise TIPConfigError(
+                f"+tip.lm_head_chunk_rows={run['lm_head_chunk_rows']} is only used with the sparse lm_head; "
+                "+tip.sparse_lm_head=false turns it off. Remove one of them."
+            )
+        parsed = cls(selection=selection, **run)
+        parsed.worker_config()  # the workers' settings are checked here too
+        return parsed
 
     @staticmethod
     def _choice(node: dict, key: str, allowed: tuple[str, ...], default: str) -> str:
@@ -170,6 +256,12 @@ class TIPRunConfig:
         if signal == "topk":
             run["topk_k"] = int(server["topk"])
         return run
+
+    def worker_config(self) -> TIPWorkerConfig:
+        """The settings the workers receive (as ``actor_rollout_ref.tip_worker``)."""
+        return TIPWorkerConfig(teacher_path=self.teacher_path if self.teacher_source == "ref" else None,
+                               loss=self.loss, sparse_lm_head=self.sparse_lm_head,
+                               lm_head_chunk_rows=self.lm_head_chunk_rows)
 
     def records_path(self, default_local_dir: str) -> str:
         """Where the token records go: ``+tip.records_dir``, else ``<trainer.default_local_dir>/tip_records``."""
@@ -283,12 +375,13 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
                 "algorithm.rollout_correction.bypass_mode=True skips the old-log-prob pass that gathers the "
                 "student's top-k log-probs; set it to False with the top-k teacher signal."
             )
-    if run.loss == "topk_reverse_kl":
-        from .sparse_lm_head import sparse_enabled_by_env
-
-        if not sparse_enabled_by_env():
-            raise TIPConfigError(
-                "+tip.loss=topk_reverse_kl is computed from the sparse lm_head's kept-row logits, but "
-                "TIP_VERL_SPARSE_LM_HEAD=0 turns the sparse lm_head off; unset it or use +tip.loss=pg."
-            )
+    _check_retired_environment()
     return run
+
+
+def _check_retired_environment() -> None:
+    """Earlier versions read ``TIP_VERL_SPARSE_LM_HEAD`` / ``TIP_VERL_LM_HEAD_CHUNK_ROWS`` in the workers; a job
+    that still sets them would silently get the defaults, so it stops here naming the flag to use."""
+    for name, flag in RETIRED_ENV.items():
+        if name in os.environ:
+            raise TIPConfigError(f"{name} is no longer read; use {flag} instead (and unset {name}).")

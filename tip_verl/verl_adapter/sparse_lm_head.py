@@ -26,18 +26,23 @@ How (no verl source edit):
   for that one forward its ``forward`` is replaced by :func:`tip_verl.kept_logprobs.kept_logprobs`,
   which computes the kept rows' log-probs (and entropy) ``chunk_rows`` rows at a time with a
   backward that recomputes each chunk, so at most ``chunk_rows x vocab`` logits exist at any time
-  (``TIP_VERL_LM_HEAD_CHUNK_ROWS``: rows per chunk, default 64 MiB of float32 logits; ``0`` turns
+  (``+tip.lm_head_chunk_rows``: rows per chunk, default 64 MiB of float32 logits; ``0`` turns
   chunking off). The lm_head module is still called, so FSDP's unshard/reshard hooks run as usual.
-  Without chunking (``TIP_VERL_LM_HEAD_CHUNK_ROWS=0``, the top-k loss, lm_heads that are not a plain
+  Without chunking (``+tip.lm_head_chunk_rows=0``, the top-k loss, lm_heads that are not a plain
   ``nn.Linear`` or whose logits the model rescales) the log-probs of the ``(K, vocab)`` kept logits
   come from verl's ``logprobs_from_logits`` (flash-attn / NPU kernels where verl has them); where
   verl would fall back to its row-by-row float32 helper, an equivalent function whose backward
   reuses the logits' storage for their gradient is used, so the kept rows cost one ``(K, vocab)``
   tensor, not three.
-* :class:`SparseLMHeadTrainingWorker` is verl's ``TrainingWorker`` whose engine, built by verl's
-  ``EngineRegistry`` as usual (``engine_workers.py:136``), is upgraded to the sparse variant of
-  its own class before it is initialised. The TIP worker sets it as ``actor_worker_cls``; nothing
-  is registered globally, so verl jobs that do not use TIP are untouched.
+* :class:`TIPLMHeadTrainingWorker` is verl's ``TrainingWorker`` whose engine, built by verl's
+  ``EngineRegistry`` as usual (``engine_workers.py:136``), is upgraded to the TIP variant of its
+  own class (``TIPLMHead<EngineClass>``) before it is initialised. The TIP worker sets it as
+  ``actor_worker_cls``; nothing is registered globally, so verl jobs that do not use TIP are untouched.
+
+Settings: the engine reads one :class:`~tip_verl.verl_adapter.opd_config.TIPWorkerConfig`
+(``sparse_lm_head``, ``lm_head_chunk_rows``, ``loss``), given once when the engine is upgraded
+(:func:`enable_sparse_lm_head`; the TIP worker passes the ``actor_rollout_ref.tip_worker`` node the
+trainer resolved from ``+tip.*``); no environment variable is read.
 
 Alignment: the log-prob of response token ``t`` comes from the logits at packed position
 ``t - 1``. For sequence ``i`` of a micro-batch with packed start ``cu[i]``, length ``L_i`` and
@@ -56,13 +61,12 @@ Not covered (full computation, one ``logger.warning`` per reason): Ulysses seque
 > 1, multimodal inputs / 3-D position ids, top-K distillation (needs full logits), Σπ² requests,
 engines that are not a plain ``FSDPEngineWithLMHead`` (Megatron, VeOmni, value heads, subclasses
 that override the three methods), models without a ``.model`` decoder, masks of another layout.
-``TIP_VERL_SPARSE_LM_HEAD=0`` turns the sparse path off.
+``+tip.sparse_lm_head=false`` turns the sparse path off.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -85,22 +89,20 @@ from tip_verl.chunking import row_chunks, rows_per_chunk
 from tip_verl.kept_logprobs import kept_logprobs
 
 from . import topk_signal
+from .opd_config import TIPWorkerConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TIPLMHeadMixin",
-    "SparseLMHeadFSDPEngine",
-    "SparseLMHeadTrainingWorker",
+    "TIPLMHeadFSDPEngine",
+    "TIPLMHeadTrainingWorker",
     "SparsePlan",
     "enable_sparse_lm_head",
     "kept_logit_positions",
     "sparse_engine_class",
 ]
 
-ENV_SWITCH = "TIP_VERL_SPARSE_LM_HEAD"
-#: rows per chunk of the chunked kept-row lm_head; unset = default (64 MiB of float32 logits), 0 = off
-ENV_CHUNK_ROWS = "TIP_VERL_LM_HEAD_CHUNK_ROWS"
 #: config fields of models that rescale / cap the lm_head output (then the chunked path does not apply)
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -127,25 +129,6 @@ def _warn_once_chunk(reason: str) -> None:
 
 class _Unsupported(Exception):
     """A micro-batch layout the sparse path does not handle; the message is the fallback reason."""
-
-
-def sparse_enabled_by_env() -> bool:
-    """False when ``TIP_VERL_SPARSE_LM_HEAD`` is 0 / false / no / off."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def chunk_rows_from_env() -> Optional[int]:
-    """``TIP_VERL_LM_HEAD_CHUNK_ROWS``: ``None`` (unset: the default chunk), 0 (no chunking) or rows."""
-    raw = os.environ.get(ENV_CHUNK_ROWS, "").strip()
-    if not raw:
-        return None
-    try:
-        rows = int(raw)
-    except ValueError:
-        rows = -1
-    if rows < 0:
-        raise ValueError(f"{ENV_CHUNK_ROWS} must be a non-negative integer (0 = no chunking), got {raw!r}")
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +288,8 @@ class TIPLMHeadMixin:
 
     _tip_sparse_request: bool = False
     _tip_sparse_plan: Optional[SparsePlan] = None
+    #: the worker settings, set once by :func:`enable_sparse_lm_head` (the defaults until then)
+    tip_settings: TIPWorkerConfig = TIPWorkerConfig()
 
     # -- helpers ----------------------------------------------------------------------------
     def _tip_decoder(self) -> torch.nn.Module:
@@ -375,10 +360,10 @@ class TIPLMHeadMixin:
 
     def _tip_plan_chunked_head(self, micro_batch, output_args: dict, plan: SparsePlan) -> None:
         """Set ``plan.head`` (and its chunk size / temperature) when the lm_head can run chunked."""
-        chunk_rows = chunk_rows_from_env()
+        chunk_rows = self.tip_settings.lm_head_chunk_rows
         if chunk_rows == 0:
             return
-        if topk_signal.requests(micro_batch).get("loss", False):
+        if self.tip_settings.loss == "topk_reverse_kl":
             return  # the top-k reverse KL reads the kept rows' logits
         model = _hf_model(self.module)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -459,7 +444,7 @@ class TIPLMHeadMixin:
 
     # -- overrides of FSDPEngineWithLMHead ----------------------------------------------------
     def forward_step(self, micro_batch, loss_function, forward_only):
-        if forward_only or loss_function is None or not torch.is_grad_enabled() or not sparse_enabled_by_env():
+        if forward_only or loss_function is None or not torch.is_grad_enabled() or not self.tip_settings.sparse_lm_head:
             return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
         self._tip_sparse_request = True
         try:
@@ -503,7 +488,8 @@ class TIPLMHeadMixin:
                 raise RuntimeError("tip_verl sparse lm_head: the decoder hook did not run on the fused-kernel path")
             _warn_once(f"the forward of {type(_hf_model(self.module)).__name__} did not call its '.model' decoder")
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        return self._tip_sparse_outputs(output, output_args, plan, micro_batch, topk_loss=wanted.get("loss", False))
+        return self._tip_sparse_outputs(output, output_args, plan, micro_batch,
+                                        topk_loss=self.tip_settings.loss == "topk_reverse_kl")
 
     def _tip_sparse_outputs(self, output, output_args, plan: SparsePlan, micro_batch, topk_loss: bool = False) -> dict:
         num_kept = plan.positions.shape[0]
@@ -523,7 +509,7 @@ class TIPLMHeadMixin:
             if plan.head_output is None or output.logits is not plan.head_output:
                 raise RuntimeError(
                     "tip_verl sparse lm_head: the model post-processed the lm_head output; "
-                    f"set {ENV_CHUNK_ROWS}=0 for this model"
+                    "set +tip.lm_head_chunk_rows=0 for this model"
                 )
             log_probs_k = output.logits[0, :, 0]
             if plan.calculate_entropy:
@@ -582,12 +568,12 @@ class TIPLMHeadMixin:
         return model_output
 
 
-class SparseLMHeadFSDPEngine(TIPLMHeadMixin, FSDPEngineWithLMHead):
-    """``FSDPEngineWithLMHead`` with the sparse update-step LM head (FSDP and FSDP2)."""
+class TIPLMHeadFSDPEngine(TIPLMHeadMixin, FSDPEngineWithLMHead):
+    """``FSDPEngineWithLMHead`` with TIP's LM-head stage (FSDP and FSDP2)."""
 
 
 _OVERRIDDEN = ("forward_step", "prepare_model_inputs", "prepare_model_outputs")
-_SPARSE_CLASSES: dict[type, type] = {FSDPEngineWithLMHead: SparseLMHeadFSDPEngine}
+_SPARSE_CLASSES: dict[type, type] = {FSDPEngineWithLMHead: TIPLMHeadFSDPEngine}
 
 
 def sparse_engine_class(engine_cls: type) -> Optional[type]:
@@ -604,18 +590,19 @@ def sparse_engine_class(engine_cls: type) -> Optional[type]:
         return None
     if any(getattr(engine_cls, name) is not getattr(FSDPEngineWithLMHead, name) for name in _OVERRIDDEN):
         return None
-    sparse_cls = type(f"SparseLMHead{engine_cls.__name__}", (TIPLMHeadMixin, engine_cls), {})
+    sparse_cls = type(f"TIPLMHead{engine_cls.__name__}", (TIPLMHeadMixin, engine_cls), {})
     sparse_cls.__module__ = __name__
     _SPARSE_CLASSES[engine_cls] = sparse_cls
     return sparse_cls
 
 
-def enable_sparse_lm_head(engine):
-    """Give a freshly built (not yet initialised) engine the sparse update-step LM head.
+def enable_sparse_lm_head(engine, settings: Optional[TIPWorkerConfig] = None):
+    """Give a freshly built (not yet initialised) engine TIP's LM-head stage, with its ``settings``.
 
     Returns the same object, its class switched to :func:`sparse_engine_class` of its class (the
-    subclass only adds methods, no state). An engine the sparse path does not cover is returned
-    unchanged after a one-time warning.
+    subclass only adds methods) and ``settings`` (default: :class:`TIPWorkerConfig`'s defaults) stored
+    as its ``tip_settings``, which every micro-batch reads. An engine the sparse path does not cover is
+    returned unchanged after a one-time warning.
     """
     sparse_cls = sparse_engine_class(type(engine))
     if sparse_cls is None:
@@ -623,17 +610,27 @@ def enable_sparse_lm_head(engine):
         return engine
     if type(engine) is not sparse_cls:
         engine.__class__ = sparse_cls
+    engine.tip_settings = TIPWorkerConfig() if settings is None else settings
     return engine
 
 
-class SparseLMHeadTrainingWorker(TrainingWorker):
-    """verl's ``TrainingWorker`` whose engine runs the LM head only at kept tokens in the update step.
+class TIPLMHeadTrainingWorker(TrainingWorker):
+    """verl's ``TrainingWorker`` whose engine has TIP's LM-head stage (the update step's lm_head at kept tokens).
 
-    Set as ``ActorRolloutRefWorker.actor_worker_cls`` by the TIP worker. The engine is built by
-    verl's ``EngineRegistry`` exactly as in ``TrainingWorker.__init__`` and upgraded before
-    ``reset()`` initialises it; log-prob passes (``infer_batch``) are unchanged.
+    Set as ``ActorRolloutRefWorker.actor_worker_cls`` by the TIP worker, as :meth:`with_settings` of the
+    worker's :class:`TIPWorkerConfig`. The engine is built by verl's ``EngineRegistry`` exactly as in
+    ``TrainingWorker.__init__`` and upgraded before ``reset()`` initialises it; log-prob passes
+    (``infer_batch``) are unchanged.
     """
+
+    #: handed to the engine once, when it is built
+    tip_settings: TIPWorkerConfig = TIPWorkerConfig()
+
+    @classmethod
+    def with_settings(cls, settings: TIPWorkerConfig) -> type:
+        """This class with ``settings`` (verl builds ``actor_worker_cls(config=...)`` itself)."""
+        return type(cls.__name__, (cls,), {"tip_settings": settings, "__module__": cls.__module__})
 
     def __init__(self, config):
         super().__init__(config)
-        self.engine = enable_sparse_lm_head(self.engine)
+        self.engine = enable_sparse_lm_head(self.engine, self.tip_settings)

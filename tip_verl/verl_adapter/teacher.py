@@ -24,16 +24,11 @@ from omegaconf import open_dict
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from .opd_config import TIPConfigError
-from .sparse_lm_head import SparseLMHeadTrainingWorker, enable_sparse_lm_head
+from .opd_config import WORKER_NODE, TIPConfigError, TIPWorkerConfig
+from .sparse_lm_head import TIPLMHeadTrainingWorker, enable_sparse_lm_head
 from .topk_signal import topk_reverse_kl_loss
 
 logger = logging.getLogger(__name__)
-
-#: Keys the TIP trainer adds under ``actor_rollout_ref`` to hand the teacher path and the loss to the workers.
-TEACHER_PATH_KEY = "tip_teacher_path"
-LOSS_KEY = "tip_loss"
-
 
 class TeacherCompatibilityError(ValueError):
     """Teacher and student cannot be distilled token by token (different tokenizers or vocabularies)."""
@@ -152,21 +147,26 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
 
     * ``ref_worker_cls`` (when the role has a ref): the ref is the teacher checkpoint named by the TIP
       trainer; its engine also answers the teacher top-k requests of ``+tip.teacher_signal=topk``;
-    * ``actor_worker_cls``: :class:`~tip_verl.verl_adapter.sparse_lm_head.SparseLMHeadTrainingWorker`,
-      whose update step runs the lm_head only at kept tokens (``TIP_VERL_SPARSE_LM_HEAD=0`` turns it off)
+    * ``actor_worker_cls``: :class:`~tip_verl.verl_adapter.sparse_lm_head.TIPLMHeadTrainingWorker`,
+      whose update step runs the lm_head only at kept tokens (``+tip.sparse_lm_head=false`` turns it off)
       and whose old-log-prob pass gathers the student's log-probs at the teacher's top-k ids; with
       ``+tip.loss=topk_reverse_kl`` its loss is :func:`~tip_verl.verl_adapter.topk_signal.topk_reverse_kl_loss`.
+
+    Its settings are one :class:`~tip_verl.verl_adapter.opd_config.TIPWorkerConfig`, the node
+    ``actor_rollout_ref.tip_worker`` that the TIP trainer resolved from ``+tip.*``: parsed here, once,
+    and handed to the engines when they are built (:attr:`tip_settings`).
 
     With verl's native distillation (``distillation.enabled=true``) the role has no ref and the
     teacher is verl's teacher server; only ``actor_worker_cls`` is swapped.
     """
 
     def __init__(self, config, role: str, distillation_config=None, **kwargs):
-        teacher_path = config.get(TEACHER_PATH_KEY, None)
+        settings = TIPWorkerConfig.from_node(config.get(WORKER_NODE, None))
+        teacher_path = settings.teacher_path
         if "ref" in role:
             if not teacher_path:
                 raise ValueError(
-                    f"TIPActorRolloutRefWorker needs actor_rollout_ref.{TEACHER_PATH_KEY}; it is set by "
+                    f"TIPActorRolloutRefWorker needs actor_rollout_ref.{WORKER_NODE}.teacher_path; it is set by "
                     "trainer.v1.trainer_mode=tip_sync from +tip.teacher_path."
                 )
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
@@ -183,13 +183,15 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
                     # verl passes a (frozen) TrainingWorkerConfig whose model_config is a copy of the actor's.
                     super().__init__(dataclasses.replace(config, model_config=teacher_config))
                     # forward-only: the sparse engine's update path never runs; it adds the top-k outputs
-                    self.engine = enable_sparse_lm_head(self.engine)
+                    self.engine = enable_sparse_lm_head(self.engine, settings)
 
             self.ref_worker_cls = _TeacherTrainingWorker
         self.teacher_path = teacher_path
-        if config.get(LOSS_KEY, "pg") == "topk_reverse_kl":
+        self.tip_settings = settings
+        actor_cls = TIPLMHeadTrainingWorker.with_settings(settings)
+        if settings.loss == "topk_reverse_kl":
 
-            class _TopKLossTrainingWorker(SparseLMHeadTrainingWorker):
+            class _TopKLossTrainingWorker(actor_cls):
                 def set_loss_fn(self, loss_fn):
                     # verl sets partial(ppo_loss, config=actor_config) (engine_workers.py init_model)
                     actor_config = loss_fn.keywords["config"]
@@ -197,4 +199,4 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
 
             self.actor_worker_cls = _TopKLossTrainingWorker
         else:
-            self.actor_worker_cls = SparseLMHeadTrainingWorker
+            self.actor_worker_cls = actor_cls

@@ -15,11 +15,12 @@ carry the teacher's top-k distribution instead (Eq. 3 with the top-k-plus-tail f
    rows (:data:`TOPK_REVERSE_KL`) from the sparse lm_head's kept-row logits and backpropagates it
    directly through the student's distribution (:func:`topk_reverse_kl_loss`).
 
-Requests travel as non-tensor flags of the batch (``batch.extra_info``), set by the TIP trainer
-around each call and cleared after it: :data:`FLAG_TEACHER_TOPK` (k),
-:data:`FLAG_GATHER_IDS` (the field holding the ids to gather at: the ref path's
-``tip_teacher_topk_ids`` in response layout, or verl's native ``teacher_ids`` in packed layout),
-:data:`FLAG_TOPK_LOSS`. The engine side lives in
+Which pass a call is travels as a non-tensor flag of the batch (``batch.extra_info``), set by the TIP
+trainer around that one call and cleared after it: :data:`FLAG_TEACHER_TOPK` (the teacher pass, with
+its k) and :data:`FLAG_GATHER_IDS` (the student's old-log-prob pass, naming the field that holds the
+ids to gather at: the ref path's ``tip_teacher_topk_ids`` in response layout, or verl's native
+``teacher_ids`` in packed layout). The loss (3.) is a setting, not a per-call fact: the engine reads it
+from its :class:`~tip_verl.verl_adapter.opd_config.TIPWorkerConfig` (``loss``). The engine side lives in
 :class:`tip_verl.verl_adapter.sparse_lm_head.TIPLMHeadMixin`, which calls the functions here.
 """
 
@@ -51,7 +52,6 @@ NATIVE_TEACHER_IDS = "teacher_ids"
 
 FLAG_TEACHER_TOPK = "tip_teacher_topk_k"
 FLAG_GATHER_IDS = "tip_gather_topk_ids_from"
-FLAG_TOPK_LOSS = "tip_topk_loss"
 
 
 class TopKSignalError(RuntimeError):
@@ -63,7 +63,7 @@ def _get(micro_batch, key, default=None):
 
 
 def requests(micro_batch) -> dict:
-    """The top-k work this micro-batch asks for (empty when none)."""
+    """The top-k work of this forward-only pass (empty when none): ``teacher_k``, ``gather_from``."""
     wanted = {}
     k = int(_get(micro_batch, FLAG_TEACHER_TOPK, 0) or 0)
     if k > 0:
@@ -71,8 +71,6 @@ def requests(micro_batch) -> dict:
     source = _get(micro_batch, FLAG_GATHER_IDS, None)
     if source:
         wanted["gather_from"] = str(source)
-    if _get(micro_batch, FLAG_TOPK_LOSS, False):
-        wanted["loss"] = True
     return wanted
 
 

@@ -32,7 +32,7 @@ from tip_verl.analysis.records import TokenRecordWriter
 
 from . import topk_signal
 from .opd import opd_step
-from .opd_config import TIPConfigError, validate_verl_config
+from .opd_config import WORKER_NODE, TIPConfigError, validate_verl_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TIPTrainerMixin:
     def __init__(self, config):
         # Imported here: teacher.py imports verl's engine workers, which only a running trainer needs (this
         # module is imported, to register it, whenever verl's V1 trainer package is).
-        from .teacher import LOSS_KEY, TEACHER_PATH_KEY, check_teacher_compatible
+        from .teacher import check_teacher_compatible
 
         self.tip = validate_verl_config(config)
         student, teachers = _resolved_models(config, self.tip)
@@ -76,10 +76,8 @@ class TIPTrainerMixin:
                 )
         # Entropy is normalised by log |V| of the student's output layer (Eq. 2).
         self.tip_vocab_size = int(student.hf_config.vocab_size)
-        with open_dict(config.actor_rollout_ref):
-            config.actor_rollout_ref[LOSS_KEY] = self.tip.loss
-            if self.tip.teacher_source == "ref":
-                config.actor_rollout_ref[TEACHER_PATH_KEY] = self.tip.teacher_path
+        with open_dict(config.actor_rollout_ref):  # the workers' settings, one node, read once by each worker
+            config.actor_rollout_ref[WORKER_NODE] = self.tip.worker_config().to_node()
         super().__init__(config)
         records_dir = self.tip.records_path(config.trainer.default_local_dir)
         self.tip_records = TokenRecordWriter(records_dir, every_n_steps=self.tip.records_every,
@@ -134,12 +132,6 @@ class TIPTrainerMixin:
         if self.tip.teacher_signal == "topk" and self.tip.teacher_source == "ref":
             return batch  # already ran, with the top-k, before the old-log-prob pass
         return super()._compute_ref_log_prob(batch, metrics)
-
-    def _update_actor(self, batch, metrics: dict):
-        if self.tip.loss != "topk_reverse_kl":
-            return super()._update_actor(batch, metrics)
-        with _batch_flags(batch, {topk_signal.FLAG_TOPK_LOSS: True}):
-            return super()._update_actor(batch, metrics)
 
     # -- selection -------------------------------------------------------------------------------
     def _tip_signals(self, batch, extra_fields: list[str]):
