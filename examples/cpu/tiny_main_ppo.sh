@@ -12,7 +12,15 @@
 #
 # Environment: PYTHON (interpreter, default: the repo's .venv if present), ASSETS_DIR (where the tiny
 # assets are built/cached; default: tip_verl.assets' own cache), RUN_DIR (logs + Hydra outputs),
-# DRY_RUN=1 (print the main_ppo command line, shell-quoted, and exit; the environment is cpu_overrides --env).
+# DRY_RUN=1 (print the main_ppo command line, shell-quoted, and exit; the environment is cpu_overrides --env),
+# N_WORKERS (data-parallel worker ranks of the actor and the ref, i.e. trainer.n_gpus_per_node; default 1).
+#
+# Data parallelism: N_WORKERS=2 (or the override trainer.n_gpus_per_node=2) shards the student with FSDP2
+# over two CPU worker processes, as a GPU job does over its GPUs. Each micro-batch size the recipe (or the
+# caller) sets is replaced by the largest divisor of each rank's share below it, computed from the final
+# batch flags (tip_verl.verl_adapter.dp_layout); micro-batch sizes the caller sets explicitly are kept as
+# given, and one that cannot divide stops main_ppo at start-up with a 'tip_verl: data-parallel layout: ...'
+# line naming the flag.
 #
 # The CPU platform, the hf rollout and every CPU-specific flag come from ONE place:
 # tip_verl/verl_adapter/cpu_overrides.py (env: --env, Hydra overrides: default output).
@@ -38,7 +46,11 @@ START=$(date +%s)
 # 1. CPU environment (VERL_PLATFORM=cpu selects tip_verl's CPU platform; offline; no wandb)
 CPU_ENV="$("$PYTHON" -m tip_verl.verl_adapter.cpu_overrides --env)"   # (assignments keep set -e effective)
 eval "$CPU_ENV"
-CPU_OVERRIDES_TEXT="$("$PYTHON" -m tip_verl.verl_adapter.cpu_overrides)"
+N_WORKERS="${N_WORKERS:-1}"
+if ! [[ "$N_WORKERS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "tiny_main_ppo.sh: N_WORKERS='$N_WORKERS' must be a positive integer (worker ranks)" >&2; exit 2
+fi
+CPU_OVERRIDES_TEXT="$("$PYTHON" -m tip_verl.verl_adapter.cpu_overrides --n-workers "$N_WORKERS")"
 mapfile -t CPU_OVERRIDES <<<"$CPU_OVERRIDES_TEXT"
 
 # 2. Tiny assets (`python -m tip_verl.assets` builds them on first use, then reuses the cache) and the
@@ -127,8 +139,7 @@ else
   )
   SUMMARY_KEYS="critic/score/mean actor/pg_loss actor/kl_loss actor/entropy response_length/mean timing_s/step"
 fi
-CMD=(
-"$PYTHON" -m verl.trainer.main_ppo \
+JOB_OVERRIDES=(
   "${CPU_OVERRIDES[@]}" \
   hydra.run.dir="$RUN_DIR/hydra" \
   data.train_files="$ASSET_TRAIN_PARQUET" \
@@ -155,9 +166,16 @@ CMD=(
   trainer.default_local_dir="$RUN_DIR/checkpoints" \
   trainer.project_name=tip_verl_cpu \
   trainer.experiment_name="tiny_$RECIPE" \
-  "${RECIPE_OVERRIDES[@]}" \
-  "$@"
+  "${RECIPE_OVERRIDES[@]}"
 )
+# Micro-batch sizes that divide each rank's share, from the job's final batch flags (the caller's included);
+# the caller's own micro-batch flags come after them and win.
+# (run as a file: standard library only, no torch import)
+MICRO_TEXT="$("$PYTHON" "$REPO/tip_verl/verl_adapter/dp_layout.py" -- "${JOB_OVERRIDES[@]}" "$@")"
+MICRO_OVERRIDES=()
+if [[ -n "$MICRO_TEXT" ]]; then mapfile -t MICRO_OVERRIDES <<<"$MICRO_TEXT"; fi
+CMD=("$PYTHON" -m verl.trainer.main_ppo "${JOB_OVERRIDES[@]}" "${MICRO_OVERRIDES[@]}" "$@")
+if [[ "$N_WORKERS" != 1 ]]; then echo "[$TAG] worker ranks: $N_WORKERS (${MICRO_OVERRIDES[*]})"; fi
 if [[ -n "${DRY_RUN:-}" ]]; then  # print the main_ppo command line (shell-quoted) instead of running it
   echo "${CMD[*]@Q}"
   exit 0

@@ -1,7 +1,8 @@
 """End to end: bad TIP input stops ``python -m verl.trainer.main_ppo`` on the driver, before Ray starts.
 
-The command line is the CPU recipe's own (``examples/cpu/tiny_main_ppo.sh opd`` with ``DRY_RUN=1``), run
-directly so that the measured time is ``main_ppo``'s alone. Each bad job must end with exit status 1, one
+So does a data-parallel layout whose micro-batches cannot divide a rank's share (``trainer.n_gpus_per_node=2``
+with the one-rank recipe's micro-batch sizes). The command line is the CPU recipe's own
+(``examples/cpu/tiny_main_ppo.sh opd`` with ``DRY_RUN=1``), run directly so that the measured time is ``main_ppo``'s alone. Each bad job must end with exit status 1, one
 ``tip_verl:`` line naming the flag (and the file), no traceback, and never reach ``ray.init`` (verl prints
 ``ray init kwargs`` right before it). The wall time is printed (``-s``); the CPU time, which the shared
 machine's load does not inflate, is asserted: it is the import of verl, torch and Hydra plus the checks.
@@ -66,6 +67,34 @@ def test_method_all_from_the_recipe_is_plain_opd(recipe):
     assert run.loss == "topk_reverse_kl" and run.teacher_signal == "topk"
 
 
+def test_two_worker_recipe_derives_micro_batches_that_divide(tiny_assets, tmp_path):
+    """`N_WORKERS=2 run_tiny_opd.sh`: 64 sequences per rank, micro-batches of 64 (one the caller sets is kept as
+    given); the driver's checks pass on the script's real command line."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    from tip_verl.verl_adapter.dp_layout import LOG_PROB_MICRO, REF_MICRO, UPDATE_MICRO, layout
+    from tip_verl.verl_adapter.preflight import preflight
+
+    env = dict(os.environ, PYTHON=sys.executable, ASSETS_DIR=str(tiny_assets.root), RUN_DIR=str(tmp_path),
+               DRY_RUN="1", N_WORKERS="2")
+    env.pop("VERL_PLATFORM", None)
+    proc = subprocess.run(["bash", str(REPO / "examples" / "cpu" / "run_tiny_opd.sh"), f"{UPDATE_MICRO}=32"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[run_tiny_opd] worker ranks: 2 (" in proc.stdout
+    argv = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert _override(argv, "trainer.n_gpus_per_node") == "2"
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose("ppo_trainer", overrides=[a for a in argv[3:] if not a.startswith("hydra.")])
+    found = layout(config)
+    assert found.dp == 2
+    assert {s.flag: (s.per_rank, s.micro) for s in found.shares} == {
+        LOG_PROB_MICRO: (64, 64), REF_MICRO: (64, 64), UPDATE_MICRO: (64, 32)}
+    preflight(config, use_reference_policy=False)  # passes (the ref-as-teacher pass is checked all the same)
+
+
 def test_bad_tip_input_fails_before_ray(recipe, tmp_path):
     argv, env = recipe
     teacher = _override(argv, "+tip.teacher_path")
@@ -89,6 +118,12 @@ def test_bad_tip_input_fails_before_ray(recipe, tmp_path):
         "student without config.json": ([f"actor_rollout_ref.model.path={no_config}"],
                                         f"tip_verl: actor_rollout_ref.model.path={no_config}: no config.json in "
                                         f"{no_config} (not a Hugging Face model folder)"),
+        # the one-rank recipe's micro-batches of 128 on two ranks (64 sequences each): verl would stop in
+        # prepare_micro_batches after Ray start and model load
+        "two ranks, one rank's micro-batches": (
+            ["trainer.n_gpus_per_node=2"],
+            "tip_verl: data-parallel layout: actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128 does "
+            "not divide the 64 sequences each rank gets in the log-prob pass"),
     }
 
     def run(extra):

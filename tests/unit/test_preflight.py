@@ -145,3 +145,101 @@ def test_recipe_ratio_left_unset_follows_the_method():
         assert selection("tip.method=q3", "tip.ratio=0.2").ratio == 0.2
         with pytest.raises(TIPConfigError, match="keeps every token"):
             selection("tip.method=all", "tip.ratio=0.5")  # the user's own contradiction is still named
+
+
+# --------------------------------------------------------------------------- the data-parallel layout
+def _layout_job(tmp_path, *, ranks=2, tbs=4, n=2, mini=4, update=4, log_prob=8, ref=8, **over):
+    return _job(tmp_path, **{"trainer.n_gpus_per_node": ranks, "trainer.nnodes": 1, "trainer.device": "cpu",
+                             "data.train_batch_size": tbs, "actor_rollout_ref.rollout.n": n,
+                             "actor_rollout_ref.actor.strategy": "fsdp2",
+                             "actor_rollout_ref.actor.ppo_mini_batch_size": mini,
+                             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": update,
+                             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": log_prob,
+                             "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": ref, **over})
+
+
+def _startup_error_with_ref(cfg) -> str:
+    module, calls = _spy_module()
+    preflight.install(module)
+    with pytest.raises(TIPConfigError) as info:
+        module.validate_config(cfg, use_reference_policy=True, use_critic=False)
+    assert isinstance(info.value, CompactHydraException) and calls == []
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("tip_verl: data-parallel layout: "), message
+    return message
+
+
+def test_micro_batches_that_cannot_divide_a_ranks_share_stop_before_verl(tmp_path):
+    """The issue's case: the CPU recipe's sizes (4 prompts x 2, log-prob micro-batches of 8) on two ranks."""
+    message = _startup_error_with_ref(_layout_job(tmp_path))
+    assert ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 does not divide the 4 sequences each "
+            "rank gets in the log-prob pass (data.train_batch_size=4 x actor_rollout_ref.rollout.n=2 over 2 rank(s) "
+            "(trainer.n_gpus_per_node=2 x trainer.nnodes=1)): use a divisor of 4, e.g. "
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4") in message, message
+    assert "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8 does not divide the 4 sequences" in message
+    assert "ppo_micro_batch_size_per_gpu" not in message  # the update's 4 per rank divide by 4
+    assert "data size must be divisible by force_group_size * micro_batch_size_per_gpu" in message  # verl's words
+
+
+def test_update_micro_batch_and_mini_batch_split_are_named(tmp_path):
+    message = _startup_error_with_ref(_layout_job(tmp_path, log_prob=4, ref=4, update=3))
+    assert ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3 does not divide the 4 sequences each rank gets "
+            "in the update (actor_rollout_ref.actor.ppo_mini_batch_size=4 x actor_rollout_ref.rollout.n=2 over 2 "
+            "rank(s)") in message, message
+    # 3 prompts x 1 response per mini-batch cannot be cut in two
+    message = _startup_error_with_ref(_layout_job(tmp_path, tbs=6, n=1, mini=3, update=1, log_prob=1, ref=1))
+    assert ("actor_rollout_ref.actor.ppo_mini_batch_size=3 x actor_rollout_ref.rollout.n=1 = 3 sequences per "
+            "mini-batch cannot be split over the 2 data-parallel ranks") in message, message
+
+
+def test_a_layout_that_divides_reaches_verl(tmp_path):
+    module, calls = _spy_module()
+    preflight.install(module)
+    for ranks, log_prob in ((1, 8), (2, 4), (4, 2)):
+        cfg = _layout_job(tmp_path / str(ranks), ranks=ranks, log_prob=log_prob, ref=log_prob, update=4 // ranks)
+        assert module.validate_config(cfg, use_reference_policy=True, use_critic=False) == "verl's result"
+    assert len(calls) == 3
+
+
+def test_ref_pass_is_checked_when_there_is_a_ref(tmp_path):
+    module, calls = _spy_module()
+    preflight.install(module)
+    # the ref as teacher: main_ppo's need_reference_policy() says no ref (no KL loss), the ref pass runs all the same
+    cfg = _layout_job(tmp_path, log_prob=4, ref=8)
+    with pytest.raises(TIPConfigError, match="ref.log_prob_micro_batch_size_per_gpu=8 does not divide"):
+        module.validate_config(cfg, use_reference_policy=False, use_critic=False)
+    # the teacher server: no ref worker, its micro-batch flag is not read
+    server = _layout_job(tmp_path / "server", log_prob=4, ref=8, **{
+        "distillation.enabled": True, "algorithm.adv_estimator": "grpo",
+        "distillation.distillation_loss": {"loss_mode": "k1"},
+        "distillation.teacher_models": {"teacher_model": {"model_path": str(make_checkpoint(tmp_path / "t"))}}})
+    del server.tip["teacher_path"]
+    module.validate_config(server, use_reference_policy=False, use_critic=False)
+    assert len(calls) == 1
+    assert "ref.log_prob_micro_batch_size_per_gpu=8" in _startup_error_with_ref(server)  # with a ref (KL loss)
+
+
+def test_layouts_it_does_not_model_pass_through(tmp_path):
+    module, calls = _spy_module()
+    preflight.install(module)
+    for over in ({"actor_rollout_ref.actor.use_dynamic_bsz": True}, {"actor_rollout_ref.actor.strategy": "megatron"},
+                 {"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": None,
+                  "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": None}):
+        module.validate_config(_layout_job(tmp_path / str(len(calls)), **over), True, False)
+    assert len(calls) == 3
+
+
+def test_a_job_without_tip_gets_the_layout_check_on_the_cpu_platform_only(tmp_path, monkeypatch):
+    module, calls = _spy_module()
+    preflight.install(module)
+    cfg = _layout_job(tmp_path)
+    del cfg["tip"]
+    OmegaConf.update(cfg, "trainer.v1.trainer_mode", "sync")
+    OmegaConf.update(cfg, "algorithm.adv_estimator", "grpo")
+    assert not preflight.uses_tip(cfg)
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    assert "log_prob_micro_batch_size_per_gpu=8 does not divide" in _startup_error_with_ref(cfg)
+    monkeypatch.setenv("VERL_PLATFORM", "cuda")
+    OmegaConf.update(cfg, "trainer.device", "cuda")
+    assert module.validate_config(cfg, use_reference_policy=True, use_critic=False) == "verl's result"
+    assert len(calls) == 1  # off the CPU platform a job without TIP goes straight to verl, as before

@@ -13,6 +13,7 @@ CLI::
 
     python -m tip_verl.verl_adapter.cpu_overrides            # overrides, one per line
     python -m tip_verl.verl_adapter.cpu_overrides --env      # `export K=V` lines for a shell
+    python -m tip_verl.verl_adapter.cpu_overrides --n-workers 2          # the same for two worker ranks
 """
 
 from __future__ import annotations
@@ -93,8 +94,14 @@ def cpu_overrides(
         ray_num_cpus: logical CPUs Ray advertises. verl's placement groups reserve several CPUs per
             worker bundle, TransferQueue and the agent/reward loops add actors; the real machine may
             have only 2 cores, so this is deliberately larger than ``nproc``.
-        n_workers: actor/rollout worker processes (``trainer.n_gpus_per_node``); 1 on a small host.
+        n_workers: actor/rollout worker processes (``trainer.n_gpus_per_node``): the data-parallel ranks
+            of the actor and the ref, each a Ray worker holding one ``verl_cpu_slot``; 1 on a small host.
+            The micro-batch sizes must divide each rank's share (:mod:`.dp_layout`; the recipe derives them).
     """
+    if n_workers < 1:
+        raise ValueError(f"n_workers={n_workers}: at least one worker rank")
+    # one slot per actor/ref rank, plus rollout / teacher replicas and headroom
+    worker_slots = max(worker_slots, 4 * n_workers)
     rollout = "actor_rollout_ref.rollout"
     o: list[str] = [
         # --- platform / device -------------------------------------------------------------

@@ -7,8 +7,11 @@ after Ray, TransferQueue and a ~950-line config dump. So the ``verl.plugins`` en
 ``verl.utils.config.validate_config`` (:func:`install`, when verl imports that module, i.e. before
 ``main_ppo`` binds the name): for a job that uses TIP (:func:`uses_tip`) the wrapper first runs
 :func:`check_tip_job` -- every flag check of :func:`~.opd_config.validate_verl_config` and the cheap
-readability check of each local checkpoint (:mod:`.checkpoints`) -- then verl's own validation. A job that
-does not use TIP goes straight to verl's function, unchanged.
+readability check of each local checkpoint (:mod:`.checkpoints`) -- and the data-parallel layout check
+(:mod:`.dp_layout`: micro-batch sizes that cannot divide a rank's share, which verl would only find on the
+workers after the models loaded), then verl's own validation. A job that does not use TIP goes straight to
+verl's function, unchanged, except on tip_verl's CPU platform (``VERL_PLATFORM=cpu``), where the layout check
+runs for every job.
 
 The error is ``TIPStartupError`` (:func:`startup_error_class`), a :class:`~.opd_config.TIPConfigError` that is also Hydra's
 ``CompactHydraException``: Hydra prints its one-line message without a traceback and exits with status 1.
@@ -19,6 +22,7 @@ trainer, before any model loads and before any rollout.
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -98,23 +102,45 @@ def check_tip_job(config: Any) -> "TIPRunConfig":
     return run
 
 
-def preflight(config: Any) -> "TIPRunConfig | None":
-    """:func:`check_tip_job` for a job that uses TIP (None otherwise); errors as ``TIPStartupError`` (:func:`startup_error_class`)."""
-    if not uses_tip(config):
+def on_cpu_platform(config: Any) -> bool:
+    """True for a job on tip_verl's CPU platform (``VERL_PLATFORM=cpu`` or ``trainer.device=cpu``)."""
+    from .dp_layout import _get
+
+    return (os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu"
+            or str(_get(config, "trainer.device", "")).lower() == "cpu")
+
+
+def preflight(config: Any, *, use_reference_policy: bool = True) -> "TIPRunConfig | None":
+    """:func:`check_tip_job` and the data-parallel layout check for a job that uses TIP (None otherwise; the layout
+    check also runs for any job on the CPU platform); errors as ``TIPStartupError`` (:func:`startup_error_class`)."""
+    tip = uses_tip(config)
+    if not tip and not on_cpu_platform(config):
         return None
     from .checkpoints import CheckpointError
+    from .dp_layout import DataParallelLayoutError, check_layout
     from .opd_config import TIPConfigError
 
     try:
-        return check_tip_job(config)
-    except (TIPConfigError, CheckpointError) as e:
+        run = check_tip_job(config) if tip else None
+        # the ref-as-teacher pass runs although verl's need_reference_policy() says no ref (no KL loss / reward)
+        ref_pass = use_reference_policy or (run is not None and run.teacher_source == "ref")
+        check_layout(config, use_reference_policy=ref_pass)
+        return run
+    except (TIPConfigError, CheckpointError, DataParallelLayoutError) as e:
         raise startup_error_class()(f"tip_verl: {e}") from None
+
+
+def _use_reference_policy(args: tuple, kwargs: dict) -> bool:
+    """verl's ``validate_config(config, use_reference_policy, use_critic)`` argument (True when not given)."""
+    if "use_reference_policy" in kwargs:
+        return bool(kwargs["use_reference_policy"])
+    return bool(args[0]) if args else True
 
 
 def _wrap(validate_config):
     @functools.wraps(validate_config)
     def validate_config_with_tip(config, *args, **kwargs):
-        preflight(config)
+        preflight(config, use_reference_policy=_use_reference_policy(args, kwargs))
         return validate_config(config, *args, **kwargs)
 
     validate_config_with_tip.__tip_verl_preflight__ = True
