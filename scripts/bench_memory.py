@@ -10,12 +10,13 @@ verl's trainer makes: ``train_mini_batch`` -> ``train_batch`` -> engine ``forwar
 
 * ``baseline``: verl's own ``TrainingWorker`` (logits for every packed token); the keep-mask is
   applied only through ``response_mask`` / ``loss_mask`` in the loss.
-* ``tip``: ``actor_worker_cls = SparseLMHeadTrainingWorker``; same keep-mask; the LM head runs only at
+* ``tip``: the TIP worker (``TIPActorRolloutRefWorker``, its actor a ``TIPLMHeadTrainingWorker``, settings
+  from the ``actor_rollout_ref.tip_worker`` node as in tip_sync); same keep-mask; the LM head runs only at
   kept tokens.
 
 ``--compare`` (issue 12) runs, in one run, the configurations that separate the mechanisms:
 ``baseline`` (verl default), ``baseline_fused`` (verl ``use_fused_kernels=True``), and at each ratio
-``tip_gather`` (gather-first only: the (K, vocab) kept logits, ``TIP_VERL_LM_HEAD_CHUNK_ROWS=0``),
+``tip_gather`` (gather-first only: the (K, vocab) kept logits, ``+tip.lm_head_chunk_rows=0``),
 ``tip`` (the default: gather-first + chunked lm_head/log-probs, ``tip_verl.kept_logprobs``) and
 ``tip_fused`` (gather-first on top of verl's fused kernels), plus the floor (``tip`` with one kept token
 per sequence). It needs a tied lm_head (``--tied``; verl's fused forward reads ``lm_head.weight``
@@ -54,10 +55,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-#: --compare configurations: mode -> (sparse worker, verl use_fused_kernels, TIP_VERL_LM_HEAD_CHUNK_ROWS or None)
+#: --compare configurations: mode -> (TIP worker, verl use_fused_kernels, +tip.lm_head_chunk_rows; None = default)
 COMPARE_MODES = {
     "baseline_fused": (False, True, None),
-    "tip_gather": (True, False, "0"),
+    "tip_gather": (True, False, 0),
     "tip_fused": (True, True, None),
 }
 MODE_SETUP = {"baseline": (False, False, None), "tip": (True, False, None), "teacher": (True, False, None),
@@ -251,20 +252,17 @@ def rss_bytes() -> int:
 
 
 def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Peak RSS since the last :func:`reset_hwm` (Linux ``VmHWM``; 0 where it cannot be read)."""
+    from tip_verl.verl_adapter.cpu.platform import _vm_hwm_bytes
+
+    return _vm_hwm_bytes() or 0
 
 
 def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """``VmHWM`` := current RSS (the CPU platform's own reset); False where that is not possible."""
+    from tip_verl.verl_adapter.cpu.platform import reset_peak_rss
+
+    return reset_peak_rss()
 
 
 #: glibc thresholds for the memory-measured step: allocations >= 128 KiB are mmapped and unmapped on free, so
@@ -287,12 +285,10 @@ def malloc_steady_state() -> None:
 
 
 def malloc_trim() -> None:
-    try:
-        import ctypes
+    """Freed heap back to the OS (glibc ``malloc_trim(0)``), as the CPU platform's update-step window does."""
+    from tip_verl.verl_adapter.cpu.platform import release_free_heap
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
+    release_free_heap()
 
 
 class RSSSampler:
@@ -336,16 +332,19 @@ def run_worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from omegaconf import open_dict
     from verl.utils import tensordict_utils as tu
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    from tip_verl.verl_adapter.sparse_lm_head import SparseLMHeadTrainingWorker
+    from tip_verl.verl_adapter.opd_config import WORKER_NODE, TIPWorkerConfig
+    from tip_verl.verl_adapter.teacher import TIPActorRolloutRefWorker
 
-    class TipActor(ActorRolloutRefWorker):
-        actor_worker_cls = SparseLMHeadTrainingWorker
-
-    worker_cls = TipActor if MODE_SETUP[args.mode][0] else ActorRolloutRefWorker
-    worker = worker_cls(config=actor_config(args, args.model_dir), role="actor")
+    tip, _, chunk_rows = MODE_SETUP[args.mode]
+    config = actor_config(args, args.model_dir)
+    if tip:  # the node the tip_sync trainer writes from +tip.*
+        with open_dict(config):
+            config[WORKER_NODE] = TIPWorkerConfig(lm_head_chunk_rows=chunk_rows).to_node()
+    worker = (TIPActorRolloutRefWorker if tip else ActorRolloutRefWorker)(config=config, role="actor")
     worker.init_model()
     engine_cls = type(worker.actor.engine).__name__
     keep = keep_mask(args, args.ratio)
@@ -407,7 +406,7 @@ def run_worker(args) -> dict:
         "total_tokens": args.batch * (args.prompt_len + args.response_len),
         "peak_bytes": memory["peak_bytes"], "process_peak_bytes": memory["process_peak_bytes"],
         "use_fused_kernels": MODE_SETUP[args.mode][1],
-        "chunk_rows_env": os.environ.get("TIP_VERL_LM_HEAD_CHUNK_ROWS"),
+        "lm_head_chunk_rows": chunk_rows,
         "seconds": min(r["seconds"] for r in timings),
         "cpu_seconds": min(r["cpu_seconds"] for r in timings),
         "timing_steps": timings,
@@ -559,9 +558,6 @@ def run_config(args, mode: str, ratio: float, model_dir: Path, work: Path) -> di
     env = dict(os.environ)
     if args.device == "cpu" and not args.no_malloc_tuning:
         env.update(MALLOC_MEASURE_ENV)
-    env.pop("TIP_VERL_LM_HEAD_CHUNK_ROWS", None)
-    if MODE_SETUP[mode][2] is not None:
-        env["TIP_VERL_LM_HEAD_CHUNK_ROWS"] = MODE_SETUP[mode][2]
     t0 = time.time()
     proc = subprocess.run(_child_cmd(args, mode, ratio, model_dir, result), env=env,
                           capture_output=True, text=True, timeout=args.timeout)
@@ -613,14 +609,8 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
         "fastest of the timed steps (run without the memory probes).", ""]
     (out / "bench_memory.md").write_text("\n".join(lines))
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def draw(axes):
         labels = [f"{r['config']}\n{r['keep_ratio']:.1f}" for r in rows]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, key, title in ((axes[0], "peak_mem_ratio", "peak memory / baseline"),
                                (axes[1], "step_time_ratio", "step wall time / baseline"),
                                (axes[2], "step_cpu_time_ratio", "step CPU time / baseline")):
@@ -636,12 +626,27 @@ def write_reports(args, rows: list[dict], out: Path) -> None:
             ax.set_xticks(range(len(rows)), labels, fontsize=8)
             ax.set_title(title)
             ax.set_ylim(0, max(1.1, max(r[key] for r in rows) * 1.15))
-        fig.suptitle(setup, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "bench_memory.png", dpi=120)
-        plt.close(fig)
+
+    save_plot(out / "bench_memory.png", setup, draw, ncols=3, figsize=(15, 4))
+
+
+def save_plot(path: Path, setup: str, draw, *, ncols: int, figsize: tuple) -> None:
+    """One PNG of ``ncols`` panels side by side, filled by ``draw(axes)``, with the set-up line above them;
+    without matplotlib a note and no PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no PNG", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    draw(axes)
+    fig.suptitle(setup, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def compare_main(args, out: Path) -> int:
@@ -785,13 +790,8 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         w.writeheader()
         w.writerows(csv_rows)
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    def draw(axes):
         colors = {"tip_gather": "#9ecae1", "tip": "#1f77b4", "tip_fused": "#08306b"}
         width = 0.27
         for ax, key, title, refs in (
@@ -814,12 +814,8 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
             ax.set_xticks(range(len(ratios)), [f"rho={r:g}" for r in ratios])
             ax.set_title(title)
             ax.legend(fontsize=7)
-        fig.suptitle(setup, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "bench_memory_compare.png", dpi=120)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
+
+    save_plot(out / "bench_memory_compare.png", setup, draw, ncols=2, figsize=(14, 4.5))
 
 
 def _check_user_args(args, out: Path) -> None:
