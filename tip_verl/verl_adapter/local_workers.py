@@ -30,6 +30,11 @@ The pieces are the project's one single-process harness, also used by the tests'
 :func:`world_of_one_env` / :func:`ensure_world_of_one`, :func:`compose_ppo_config` (verl's own Hydra config),
 :func:`update_meta` (the meta-data of an ``update_actor`` batch) and, for the engines,
 :func:`tip_verl.verl_adapter.cpu_overrides.fsdp2_engine_overrides`.
+
+Several ranks (data parallelism without Ray): :func:`run_ranks` runs a function in ``N`` spawned processes
+that form one gloo world; :func:`build_local_workers` in each builds that rank's workers (FSDP2 shards the
+model over the ranks), :func:`rank_share` gives it its rows of a batch as verl's dispatch would, and
+:func:`all_gather_rows` puts the ranks' outputs back together (``tests/e2e/test_data_parallel.py``).
 """
 
 from __future__ import annotations
@@ -88,16 +93,21 @@ def ensure_cpu_platform() -> None:
         )
 
 
-def world_of_one_env(port: Optional[int] = None) -> dict[str, str]:
-    """The environment of a one-rank ``torch.distributed`` job on this host (a free port by default)."""
+def world_env(rank: int, world_size: int, port: Optional[int] = None) -> dict[str, str]:
+    """The environment of rank ``rank`` of a ``world_size``-rank ``torch.distributed`` job on this host."""
     return {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port or free_port()),
     }
+
+
+def world_of_one_env(port: Optional[int] = None) -> dict[str, str]:
+    """The environment of a one-rank ``torch.distributed`` job on this host (a free port by default)."""
+    return world_env(0, 1, port)
 
 
 def ensure_world_of_one() -> None:
@@ -486,3 +496,103 @@ def build_local_workers(
         ref_model_path=ref_model_path,
         tokenizer=tokenizer,
     )
+
+
+# ---------------------------------------------------------------------------------------------- several ranks
+def rank_share(batch, rank: int, world_size: int):
+    """Rank ``rank``'s rows of ``batch``: the contiguous ``1/world_size`` verl's data-parallel dispatch sends it
+    (``make_nd_compute_dataproto_dispatch_fn``: the batch cut into ``dp`` equal chunks, in order)."""
+    n = len(batch)
+    if n % world_size:
+        raise ValueError(f"a batch of {n} cannot be split over {world_size} ranks")
+    step = n // world_size
+    return batch[rank * step:(rank + 1) * step]
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' ``[b, ...]`` shares concatenated in rank order (``torch.distributed`` gloo; a world of one: as is)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts, dim=0)
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    import io
+    import traceback
+
+    os.environ.update(world_env(rank, world_size, port))
+    try:
+        value = fn(rank, world_size, *args)
+        buffer = io.BytesIO()
+        torch.save(value, buffer)  # tensors by value (no shared-memory handles outliving this process)
+        results.put((rank, None, buffer.getvalue()))
+    except BaseException:  # noqa: BLE001  (reported to the parent, which raises)
+        results.put((rank, traceback.format_exc(), None))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0,
+              threads_per_rank: Optional[int] = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes forming one gloo world; their results.
+
+    Each process is a rank of its own ``torch.distributed`` world (``RANK`` / ``WORLD_SIZE`` / a free
+    ``MASTER_PORT``), so :func:`build_local_workers` there builds verl's workers as one rank of a data-parallel
+    group, as verl's Ray workers are. ``fn`` must be importable by name (a module-level function; the processes
+    are spawned, not forked) and return something ``torch.save`` can write. ``threads_per_rank`` sets
+    ``OMP_NUM_THREADS`` for the ranks (default: the host's cores split between them). Raises ``RuntimeError``
+    with the failing rank's traceback, or on ``timeout`` seconds.
+    """
+    import multiprocessing as mp
+    import queue as queue_module
+    import time
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned processes
+    try:
+        procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+                 for rank in range(world_size)]
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world_size:
+            try:
+                rank, error, payload = results.get(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except queue_module.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"run_ranks: {world_size - len(out)} rank(s) gave no result "
+                                       f"({'exit codes ' + str(dead) if dead else f'timeout {timeout:.0f} s'})")
+                continue
+            if error is not None:
+                raise RuntimeError(f"run_ranks: rank {rank} of {world_size} failed:\n{error}")
+            import io
+
+            out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    return [out[rank] for rank in range(world_size)]
