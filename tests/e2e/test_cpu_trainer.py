@@ -37,15 +37,18 @@ def _processes_with_marker(marker: str) -> list[str]:
     return found
 
 
-def run_example(script: str, args: list[str], assets, tmp_path, *, expect_ok: bool = True):
+def run_example(script: str, args: list[str], assets, tmp_path, *, expect_ok: bool = True,
+                env_extra: dict[str, str] | None = None):
     """Run an example script as a user would; return its output, per-step metrics and wall time.
 
-    Also checks that the run left no process behind (Ray, TransferQueue, rollout servers).
+    ``env_extra``: more environment (e.g. ``N_WORKERS``). Also checks that the run left no process behind
+    (Ray, TransferQueue, rollout servers).
     """
     env = dict(os.environ)
     env.pop("VERL_PLATFORM", None)  # the script sets the CPU environment itself
     marker = uuid.uuid4().hex
     env.update(PYTHON=sys.executable, ASSETS_DIR=str(assets.root), RUN_DIR=str(tmp_path), **{MARKER_ENV: marker})
+    env.update(env_extra or {})
     t0 = time.time()
     proc = subprocess.run(["bash", str(REPO / "examples" / "cpu" / script), *args], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=900)
