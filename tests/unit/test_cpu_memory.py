@@ -17,7 +17,8 @@ def test_window_measures_what_the_step_allocates_and_forgets_earlier_peaks():
     with UpdateMemoryWindow() as big:
         x = torch.ones(256 * MiB // 4)  # 256 MiB, written (resident)
         del x
-    assert 256 * MiB <= big.increase_bytes <= 256 * MiB + 64 * MiB
+    # the floor has slack: the kernel may reclaim a few cold pages of the process during the window (seen: -120 KiB)
+    assert 240 * MiB <= big.increase_bytes <= 256 * MiB + 64 * MiB
     assert big.peak_bytes >= big.increase_bytes
     with UpdateMemoryWindow() as small:  # a new window must not carry the 256 MiB peak above
         y = torch.ones(8 * MiB // 4)

@@ -60,7 +60,7 @@ class DataParallelLayoutError(ValueError):
 _MISSING = object()
 
 
-def _get(config: Any, dotted: str, default: Any = None) -> Any:
+def config_value(config: Any, dotted: str, default: Any = None) -> Any:
     """``config.a.b.c`` of a DictConfig / dict, ``default`` when a level is missing or the value is None."""
     node = config
     for part in dotted.split("."):
@@ -123,17 +123,17 @@ class Layout:
 
 def layout(config: Any, *, use_reference_policy: bool = True) -> Optional[Layout]:
     """The data-parallel layout of ``config`` (verl's ``ppo_trainer`` config), or None when it is not modelled."""
-    actor = _get(config, f"{ARR}.actor")
-    if actor is None or str(_get(actor, "strategy", "fsdp")) not in _FSDP_STRATEGIES:
+    actor = config_value(config, f"{ARR}.actor")
+    if actor is None or str(config_value(actor, "strategy", "fsdp")) not in _FSDP_STRATEGIES:
         return None
-    if bool(_get(actor, "use_dynamic_bsz", False)):
+    if bool(config_value(actor, "use_dynamic_bsz", False)):
         return None
-    n_gpus, nnodes = _int(_get(config, N_GPUS, 1)), _int(_get(config, NNODES, 1))
-    tbs, n, mini = _int(_get(config, TRAIN_BATCH)), _int(_get(config, ROLLOUT_N, 1)), _int(_get(actor, "ppo_mini_batch_size"))
+    n_gpus, nnodes = _int(config_value(config, N_GPUS, 1)), _int(config_value(config, NNODES, 1))
+    tbs, n, mini = _int(config_value(config, TRAIN_BATCH)), _int(config_value(config, ROLLOUT_N, 1)), _int(config_value(actor, "ppo_mini_batch_size"))
     if None in (n_gpus, nnodes, tbs, n, mini) or min(n_gpus, nnodes, tbs, n, mini) <= 0:
         return None
     ranks = n_gpus * nnodes
-    sp = _int(_get(actor, "ulysses_sequence_parallel_size", 1)) or 1
+    sp = _int(config_value(actor, "ulysses_sequence_parallel_size", 1)) or 1
     if ranks % sp:
         return None  # verl reports this one itself
     dp = ranks // sp
@@ -147,15 +147,15 @@ def layout(config: Any, *, use_reference_policy: bool = True) -> Optional[Layout
     problems: list[str] = []
     shares: list[Share] = []
 
-    shares.append(Share("log-prob pass", LOG_PROB_MICRO, padded // dp, _int(_get(config, LOG_PROB_MICRO)),
+    shares.append(Share("log-prob pass", LOG_PROB_MICRO, padded // dp, _int(config_value(config, LOG_PROB_MICRO)),
                         f"{batch_text} over {dp} rank(s) ({ranks_text})"))
-    lora = (_int(_get(config, f"{ARR}.model.lora_rank", 0)) or 0) > 0 or _get(config, f"{ARR}.model.lora_adapter_path")
-    ref_dynamic = bool(_get(config, f"{ARR}.ref.log_prob_use_dynamic_bsz", False))
+    lora = (_int(config_value(config, f"{ARR}.model.lora_rank", 0)) or 0) > 0 or config_value(config, f"{ARR}.model.lora_adapter_path")
+    ref_dynamic = bool(config_value(config, f"{ARR}.ref.log_prob_use_dynamic_bsz", False))
     if use_reference_policy and not lora and not ref_dynamic:
-        ref_sp = _int(_get(config, f"{ARR}.ref.ulysses_sequence_parallel_size", sp)) or sp
+        ref_sp = _int(config_value(config, f"{ARR}.ref.ulysses_sequence_parallel_size", sp)) or sp
         if ranks % ref_sp == 0:
             ref_dp = ranks // ref_sp
-            shares.append(Share("ref (teacher) pass", REF_MICRO, padded // ref_dp, _int(_get(config, REF_MICRO)),
+            shares.append(Share("ref (teacher) pass", REF_MICRO, padded // ref_dp, _int(config_value(config, REF_MICRO)),
                                 f"{batch_text} over {ref_dp} rank(s) ({ranks_text})"))
     if mini_batch % dp:
         problems.append(
@@ -164,7 +164,7 @@ def layout(config: Any, *, use_reference_policy: bool = True) -> Optional[Layout
             f"(verl would stop in train_mini_batch after loading the models)"
         )
     else:
-        shares.append(Share("update", UPDATE_MICRO, mini_batch // dp, _int(_get(actor, "ppo_micro_batch_size_per_gpu")),
+        shares.append(Share("update", UPDATE_MICRO, mini_batch // dp, _int(config_value(actor, "ppo_micro_batch_size_per_gpu")),
                             f"{MINI_BATCH}={mini} x {ROLLOUT_N}={n} over {dp} rank(s) ({ranks_text})"))
     for share in shares:
         if not share.divides:

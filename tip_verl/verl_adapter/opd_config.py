@@ -26,6 +26,7 @@ import os
 from typing import Any, Mapping
 
 from tip_verl.config import TIPConfig
+from tip_verl.verl_adapter.dp_layout import config_value as _get  # (standard library only)
 
 TRAINER_MODE = "tip_sync"
 ADV_ESTIMATOR = "tip_opd"
@@ -270,18 +271,6 @@ class TIPRunConfig:
     def to_dict(self) -> dict[str, Any]:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "selection"}
         return {**run, **self.selection.to_dict()}
-
-
-def _get(config: Any, dotted: str, default: Any = None) -> Any:
-    node = config
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        try:
-            node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
-        except Exception:
-            return default
-    return default if node is None else node
 
 
 def _teacher_server(config: Any) -> dict[str, Any] | None:

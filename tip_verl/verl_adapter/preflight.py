@@ -104,7 +104,7 @@ def check_tip_job(config: Any) -> "TIPRunConfig":
 
 def on_cpu_platform(config: Any) -> bool:
     """True for a job on tip_verl's CPU platform (``VERL_PLATFORM=cpu`` or ``trainer.device=cpu``)."""
-    from .dp_layout import _get
+    from .dp_layout import config_value as _get
 
     return (os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu"
             or str(_get(config, "trainer.device", "")).lower() == "cpu")
