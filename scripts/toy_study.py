@@ -310,6 +310,12 @@ def launch(a, spec: MethodSpec, seed: int) -> dict:
     wall = time.time() - t0
     if rc != 0:
         raise RunFailed(f"exit status {rc} after {wall:.0f}s")
+    return record_run(a, spec, seed, log, wall, overrides)
+
+
+def record_run(a, spec: MethodSpec, seed: int, log: Path, wall: float, overrides: list[str]) -> dict:
+    """The raw per-run record (runs/<run>.json) of a finished run, from its log."""
+    rid = run_id(spec, seed)
     text = log.read_text(errors="replace")
     steps = parse_console_metrics(text)
     result = extract(steps, a.steps)

@@ -13,12 +13,38 @@ import sys
 
 _STEP = re.compile(r"\bstep:(\d+) - (.*)$")
 _NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")
+# Ray's prefix of a worker's output line, e.g. "\x1b[36m(TaskRunnerV1 pid=123)\x1b[0m " (colour codes optional)
+_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(([^()]*pid=\d+)\)(?:\x1b\[[0-9;]*m)?\s?")
+# the rest of a metrics line that Ray's log streaming cut in two: one fragment, then only " - key:value" items
+_CONTINUATION = re.compile(r"^\S*( - [^\s:]+:\S+)*\s*$")
+
+
+def _joined_lines(text: str) -> list[str]:
+    """The lines of ``text``, a step line cut by Ray's log streaming (seen under load: ``... - global_seq`` then
+    ``(TaskRunnerV1 pid=N) len/max:6016.0 - ...``) joined again with its continuation from the same process."""
+    lines = text.splitlines()
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        prefix = _RAY_PREFIX.match(line)
+        if prefix and _STEP.search(line):
+            while i < len(lines):
+                nxt = _RAY_PREFIX.match(lines[i])
+                rest = lines[i][nxt.end():] if nxt else ""
+                if not nxt or nxt.group(1) != prefix.group(1) or _STEP.search(rest) or not _CONTINUATION.match(rest):
+                    break
+                line += rest
+                i += 1
+        out.append(line)
+    return out
 
 
 def parse_console_metrics(text: str) -> dict[int, dict[str, float]]:
     """Numeric metrics per training step, from verl's console logger output."""
     steps: dict[int, dict[str, float]] = {}
-    for line in text.splitlines():
+    for line in _joined_lines(text):
         m = _STEP.search(line)
         if not m:
             continue
