@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:  # run as `python scripts/toy_study.py` without in
     sys.path.insert(0, str(REPO))
 
 from tip_verl.config import METHODS  # noqa: E402  (pure python, no verl import)
-from tip_verl.verl_adapter.console_metrics import parse_console_metrics, validation_accuracy  # noqa: E402
+from tip_verl.verl_adapter.console_metrics import largest, parse_console_metrics, validation_accuracy  # noqa: E402
 
 DEFAULT_METHODS = ("all", "entropy_50", "entropy_20", "entropy_sample_50", "soft_or_50", "soft_or_20", "q3_20",
                    "soft_or_bottom_50")
@@ -255,8 +255,8 @@ def extract(steps: dict[int, dict[str, float]], n_steps: int) -> dict:
 
 
 def _largest(train: list[dict], key: str) -> float:
-    values = [m[key] for m in train if key in m]
-    return max(values) if values else float("nan")
+    value = largest(train, key)
+    return float("nan") if value is None else value
 
 
 def n_test_prompts(log_text: str) -> int | None:

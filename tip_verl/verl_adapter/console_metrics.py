@@ -99,16 +99,19 @@ def learning_line(steps: dict[int, dict[str, float]], *, tag: str) -> str | None
     return line
 
 
+def largest(steps: list[dict[str, float]], key: str) -> float | None:
+    """The largest value of ``key`` over ``steps`` (None when no step logged it)."""
+    return max((m[key] for m in steps if key in m), default=None)
+
+
 def _memory_phrase(trained: list[dict[str, float]]) -> str:
     """Update-step peak memory (largest over the steps) where the run reports it, else the process peak."""
-    def largest(key):
-        return max((m[key] for m in trained if key in m), default=None)
-
-    peak, increase = largest("actor/perf/update_peak_memory_gb"), largest("actor/perf/update_memory_increase_gb")
+    peak = largest(trained, "actor/perf/update_peak_memory_gb")
+    increase = largest(trained, "actor/perf/update_memory_increase_gb")
     if peak is not None and increase is not None:
         return (f", update-step peak memory {peak:.2f} GiB, of which {increase:.2f} GiB allocated by the step "
                 f"(actor/perf/update_peak_memory_gb, update_memory_increase_gb)")
-    peak = largest("actor/perf/max_memory_allocated_gb")
+    peak = largest(trained, "actor/perf/max_memory_allocated_gb")
     return f", actor process peak memory {peak:.2f} GiB (actor/perf/max_memory_allocated_gb)" if peak else ""
 
 
