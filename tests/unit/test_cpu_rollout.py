@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -224,6 +225,34 @@ def test_concurrent_requests_are_batched_and_exact(loop, server, prompt_ids):
         torch.testing.assert_close(torch.tensor(out.log_probs), torch.tensor(ref.log_probs), atol=1e-5, rtol=1e-5)
 
 
+def test_trickling_requests_wait_for_each_other_within_the_window(loop, student, prompt_ids):
+    """verl's agent loop sends one request per sample, a few ms apart: the server waits until they stop
+    arriving (quiet gap) and runs them as one batch; a lone request waits at most the quiet gap."""
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
+
+    params = {"temperature": 0, "max_tokens": 4}
+    srv = HFRolloutServer(_rollout_config(), student, batch_quiet_s=0.2, batch_window_s=5.0)
+
+    async def trickle(gap_s):
+        tasks = []
+        for i, p in enumerate(prompt_ids * 2):
+            tasks.append(asyncio.ensure_future(srv.generate(p, params, f"t{i}")))
+            await asyncio.sleep(gap_s)
+        return await asyncio.gather(*tasks)
+
+    assert len(loop.run_until_complete(trickle(0.02))) == 2 * len(prompt_ids)
+    assert srv.get_stats()["batches"] == 1 and srv.get_stats()["max_batch"] == 2 * len(prompt_ids)
+
+    # gaps longer than the quiet gap: each request is its own batch, none waits for the window
+    srv = HFRolloutServer(_rollout_config(), student, batch_quiet_s=0.01, batch_window_s=5.0)
+    start = time.monotonic()
+    loop.run_until_complete(trickle(0.3))
+    assert srv.get_stats()["batches"] == 2 * len(prompt_ids)
+    assert time.monotonic() - start < 0.3 * 2 * len(prompt_ids) + 2.5
+    with pytest.raises(ValueError, match="batch_quiet_s"):
+        HFRolloutServer(_rollout_config(), student, batch_quiet_s=2.0, batch_window_s=1.0)
+
+
 def test_weight_update_changes_the_output_distribution(loop, student, prompt_ids):
     from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
 
@@ -292,6 +321,7 @@ _PROBE = textwrap.dedent(
     import verl.single_controller.ray.base as rb
     import verl.workers.config.distillation as dc
     import verl.workers.engine.fsdp.transformer_impl as ti
+    import verl.trainer.ppo.v1.replay_buffer as rbuf
     from torch.distributed.fsdp import CPUOffloadPolicy
     from verl.plugin.platform import PlatformRegistry
     from verl.workers.engine import EngineRegistry
@@ -305,6 +335,7 @@ _PROBE = textwrap.dedent(
             ("resource_check_platform_aware", rb.ResourcePoolManager._check_resource_available),
             ("teacher_topk_for_hf_rollout", dc.DistillationTeacherModelConfig._validate_topk_logprobs),
             ("fsdp2_offload_without_pinning", ti.CPUOffloadPolicy),
+            ("replay_buffer_short_poll", rbuf.ReplayBuffer.__init__),
         ] if hasattr(f, "__tip_verl_patch__")),
         "offload_policy_is_torch": ti.CPUOffloadPolicy is CPUOffloadPolicy,
         "cpu_platform": "cpu" in PlatformRegistry.registered_names(),
@@ -356,13 +387,27 @@ def test_with_cpu_platform_everything_is_registered(probes):
     assert probes["cpu"] == {
         "pin_memory_untouched": True,  # never patched globally, not even on the CPU platform
         "patched": sorted(["gloo_process_group", "resource_check_platform_aware", "teacher_topk_for_hf_rollout",
-                           "fsdp2_offload_without_pinning"]),
+                           "fsdp2_offload_without_pinning", "replay_buffer_short_poll"]),
         "offload_policy_is_torch": False,
         "cpu_platform": True,
         "cpu_engine": True,
         "hf_replica": True,
         "hf_adapter": True,
     }
+
+
+def test_replay_buffer_poll_is_capped_not_raised():
+    """The poll patch lowers verl's 2 s default to the CPU interval and keeps a shorter explicit one."""
+    from tip_verl.verl_adapter.cpu.patches import CPU_POLL_INTERVAL_S, _short_poll_interval
+
+    class Buffer:
+        def __init__(self, trainer_mode, poll_interval=2.0):
+            self.trainer_mode, self.poll_interval = trainer_mode, poll_interval
+
+    Buffer.__init__ = _short_poll_interval(Buffer.__init__)
+    assert Buffer("sync").poll_interval == CPU_POLL_INTERVAL_S < 2.0
+    assert Buffer("sync", poll_interval=0.01).poll_interval == 0.01
+    assert Buffer(trainer_mode="colocate_async").trainer_mode == "colocate_async"
 
 
 @pytest.mark.parametrize("first_import", ["tip_verl.verl_adapter.cpu.platform", "tip_verl.verl_adapter.cpu.patches",

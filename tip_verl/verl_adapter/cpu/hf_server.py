@@ -1,8 +1,11 @@
 """The ``hf`` rollout server (a Ray actor): verl's token-in/token-out server protocol on :class:`HFGenerator`.
 
-Concurrency: requests are queued and a single scheduler task batches whatever is pending (up to
-``max_num_seqs``), groups it by sampling parameters and runs one left-padded ``generate`` per group
-in a worker thread. Weight updates and generation take the same lock, so a weight update never
+Concurrency: requests are queued and a single scheduler task batches them (up to ``max_num_seqs``):
+it waits until requests stop arriving (none new for ``batch_quiet_s``, at most ``batch_window_s`` in
+all), because verl's agent loop sends one request per sample over a second or so and one batch of
+128 is several times cheaper than eight small ones; samples do not depend on the batching (each
+request draws from its own generator). It groups the batch by sampling parameters and runs one
+left-padded ``generate`` per group in a worker thread. Weight updates and generation take the same lock, so a weight update never
 lands in the middle of a batch. ``abort_all_requests`` stops in-flight generation at the next token
 (a stopping criterion) and returns the partial tokens with ``stop_reason="aborted"``; queued requests
 are answered ``aborted`` with no tokens.
@@ -70,7 +73,8 @@ class HFRolloutServer:
         model_config: Any,
         replica_rank: int = 0,
         *,
-        batch_window_s: float = 0.005,
+        batch_quiet_s: float = 0.05,
+        batch_window_s: float = 1.0,
     ):
         from verl.utils.config import omega_conf_to_dataclass
 
@@ -105,6 +109,9 @@ class HFRolloutServer:
         max_model_len = getattr(self.config, "max_model_len", None)
         self.max_model_len = int(max_model_len) if max_model_len else prompt_length + self.response_length
         self.max_num_seqs = int(getattr(self.config, "max_num_seqs", 256) or 256)
+        if not 0 <= batch_quiet_s <= batch_window_s:
+            raise ValueError(f"need 0 <= batch_quiet_s ({batch_quiet_s}) <= batch_window_s ({batch_window_s})")
+        self.batch_quiet_s = batch_quiet_s
         self.batch_window_s = batch_window_s
         self.global_steps: Optional[int] = None
         self._pending: list[_Request] = []
@@ -184,8 +191,7 @@ class HFRolloutServer:
     async def _schedule_loop(self) -> None:
         while True:
             await self._work.wait()
-            if self.batch_window_s > 0:
-                await asyncio.sleep(self.batch_window_s)  # let concurrent requests arrive together
+            await self._until_arrivals_settle()
             async with self._lock:
                 batch, self._pending = self._pending[: self.max_num_seqs], self._pending[self.max_num_seqs :]
                 if not self._pending:
@@ -202,6 +208,19 @@ class HFRolloutServer:
                             r.future.set_exception(e)
                 finally:
                     self._running = []
+
+    async def _until_arrivals_settle(self) -> None:
+        """Return once no request arrived for ``batch_quiet_s``, the batch is full or ``batch_window_s`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_window_s
+        while self.batch_quiet_s > 0 and len(self._pending) < self.max_num_seqs:
+            seen = len(self._pending)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(self.batch_quiet_s, remaining))
+            if len(self._pending) == seen:
+                return
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         self.stats["batches"] += 1

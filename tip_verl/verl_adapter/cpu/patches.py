@@ -29,6 +29,13 @@ patch                              why
                                    but vllm/sglang when top-k distillation is on; the ``hf`` server
                                    answers ``prompt_logprobs=k`` per request (no engine-boot cap,
                                    like SGLang), so ``hf`` only needs ``topk`` to be set.
+``replay_buffer_short_poll``       ``trainer/ppo/v1/replay_buffer.py:144,409`` (``ReplayBuffer``)
+                                   sleeps ``poll_interval`` = 2.0 s between looks at the
+                                   TransferQueue while it waits for a batch, so a rollout that
+                                   takes 0.5 s on the CPU costs 2 s (``timing_s/gen`` is 2.0 or
+                                   4.0 s in every step of the tiny job). The constructor is wrapped
+                                   to cap it at :data:`CPU_POLL_INTERVAL_S`; samples, their order
+                                   and every metric but the timings are unchanged.
 ================================  ==============================================================
 """
 
@@ -45,6 +52,9 @@ from typing import Any, Callable
 from tip_verl.verl_adapter._import_hooks import when_imported
 
 logger = logging.getLogger(__name__)
+
+#: seconds between the replay buffer's looks at the TransferQueue on the CPU platform (verl: 2.0)
+CPU_POLL_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -148,6 +158,18 @@ def _topk_validation_knows_hf(original):
     return _validate_topk_logprobs
 
 
+# --------------------------------------------------------------------------------------------
+# 5. Replay buffer that looks for finished rollouts every 50 ms, not every 2 s
+# --------------------------------------------------------------------------------------------
+def _short_poll_interval(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):  # noqa: N807 - wraps ReplayBuffer.__init__
+        original(self, *args, **kwargs)
+        self.poll_interval = min(float(self.poll_interval), CPU_POLL_INTERVAL_S)
+
+    return __init__
+
+
 PATCHES: list[Patch] = [
     Patch(
         name="gloo_process_group",
@@ -181,6 +203,14 @@ PATCHES: list[Patch] = [
         verl_ref="verl/workers/config/distillation.py:188-214",
         reason="top-k teacher validation knows only vllm/sglang; the hf server answers prompt_logprobs=k",
         factory=_topk_validation_knows_hf,
+    ),
+    Patch(
+        name="replay_buffer_short_poll",
+        module="verl.trainer.ppo.v1.replay_buffer",
+        attr="ReplayBuffer.__init__",
+        verl_ref="verl/trainer/ppo/v1/replay_buffer.py:144,409",
+        reason="the replay buffer polls for finished rollouts every 2 s; a tiny CPU rollout takes well under that",
+        factory=_short_poll_interval,
     ),
 ]
 
