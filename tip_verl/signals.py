@@ -108,8 +108,8 @@ def topk_tail_kl(ls: torch.Tensor, lt: torch.Tensor, tail_s: torch.Tensor, tail_
     ``ls.exp()`` / ``lt.exp()`` when the caller has them. Returns ``KL(S||T)`` (and, with ``forward``,
     ``(KL(S||T), KL(T||S))``) ``[...]``, unclamped, in the inputs' dtype; differentiable. The one
     implementation of the top-k KL: :func:`topk_divergences` (float64, validated, no grad) and the direct
-    top-k reverse-KL loss (:mod:`tip_verl.verl_adapter.topk_signal`, float32, on the kept rows' logits)
-    both call it; they differ only in how they compute the tails.
+    top-k reverse-KL loss (:mod:`tip_verl.verl_adapter.topk_signal`, float32, on the kept rows' log-probs
+    at the teacher's ids) both call it; they differ only in how they compute the tails.
     """
     ps = ls.exp() if ps is None else ps
     diff = ls - lt  # log p_s - log p_t on the top-k support

@@ -190,3 +190,147 @@ def test_no_rows_and_bad_arguments():
     assert list(row_chunks(0, 3)) == [] and list(row_chunks(2, 5)) == [slice(0, 2)]
     with pytest.raises(ValueError, match=">= 1"):
         list(row_chunks(4, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# several ids per row: labels [K, m] -> log-probs [K, m] (the top-k loss asks [label, teacher top-k])
+# ---------------------------------------------------------------------------------------------
+def _ids(K, m, seed, duplicates):
+    g = torch.Generator().manual_seed(seed + 2)
+    ids = torch.stack([torch.randperm(V, generator=g)[:m] for _ in range(K)]) if K else torch.empty(0, m).long()
+    if duplicates and m > 1:  # repeat an id within some rows (the label among the teacher's top-k)
+        ids[::2, -1] = ids[::2, 0]
+        ids[1::3, 1] = ids[1::3, 0]
+    return ids
+
+
+def _reference_multi(hidden, weight, bias, ids, temperature, with_entropy):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.unsqueeze(-1)
+    elif temperature is not None:
+        logits = logits / float(temperature)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp_all.gather(-1, ids), ent
+
+
+def _run_multi(chunk_rows, K, m, seed, temperature, with_entropy, with_bias, dtype, duplicates):
+    hidden, weight, bias, _ = _leaves(K, seed, dtype=dtype, with_bias=with_bias)
+    ids = _ids(K, m, seed, duplicates)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(dtype)
+    if chunk_rows is None:
+        logp, ent = _reference_multi(hidden, weight, bias, ids, temperature, with_entropy)
+    else:
+        logp, ent = kept_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
+                                  return_entropy=with_entropy, chunk_rows=chunk_rows)
+    g = torch.Generator().manual_seed(seed + 3)  # a different weight per (row, id): mistakes cannot cancel
+    loss = (torch.randn(K, m, generator=g, dtype=torch.float64).to(logp.dtype) * logp).sum()
+    if ent is not None:
+        loss = loss + (torch.randn(K, generator=g, dtype=torch.float64).to(ent.dtype) * ent).sum()
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, params)
+    return logp.detach(), (None if ent is None else ent.detach()), grads, ids
+
+
+MULTI_CASES = {
+    # name: (K, m, chunk_rows, temperature, entropy, bias, duplicate ids)
+    "300_rows_9_ids_5_chunks_ragged_tail": (300, 9, 64, None, False, True, False),
+    "300_rows_9_ids_entropy_temperature": (300, 9, 64, 0.7, True, True, False),
+    "257_rows_5_ids_per_row_temperature": (257, 5, 32, "per_row", True, True, False),
+    "duplicate_ids_in_a_row": (200, 6, 48, 0.9, True, True, True),
+    "duplicate_ids_no_entropy_no_bias": (131, 4, 16, 1.3, False, False, True),
+    "K_equals_1": (1, 9, 64, None, True, True, False),
+    "one_id_per_row_m_equals_1": (130, 1, 32, "per_row", True, True, False),
+    "chunk_of_one_row": (17, 3, 1, None, True, True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(MULTI_CASES))
+def test_several_ids_per_row_match_full_logits_reference(name, dtype):
+    K, m, chunk, temperature, with_entropy, with_bias, duplicates = MULTI_CASES[name]
+    if temperature == "per_row":
+        temperature = torch.rand(K, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    ref = _run_multi(None, K, m, 8, temperature, with_entropy, with_bias, dtype, duplicates)
+    got = _run_multi(chunk, K, m, 8, temperature, with_entropy, with_bias, dtype, duplicates)
+    assert K > chunk or name == "K_equals_1"
+    if duplicates:
+        assert any(len(set(row.tolist())) < m for row in got[3])
+    tol = TOLERANCES[dtype]
+    assert got[0].shape == (K, m) and got[0].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    if with_entropy:
+        torch.testing.assert_close(got[1], ref[1], **tol)
+    else:
+        assert got[1] is None
+    assert len(got[2]) == (3 if with_bias else 2)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        assert g_got.shape == g_ref.shape and g_got.dtype == g_ref.dtype
+        scale = float(g_ref.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(g_got, g_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+
+
+def test_one_id_per_row_as_a_column_equals_the_one_dimensional_labels():
+    """labels [K, 1] give bit for bit the [K] result (values and gradients), as a column."""
+    out = []
+    for column in (False, True):
+        hidden, weight, bias, labels = _leaves(150, 9)
+        lp, ent = kept_logprobs(hidden, weight, labels.unsqueeze(-1) if column else labels, bias=bias,
+                                temperature=0.8, return_entropy=True, chunk_rows=32)
+        assert lp.shape == ((150, 1) if column else (150,))
+        lp = lp.squeeze(-1)
+        (lp * torch.linspace(-1, 1, 150)).sum().add(ent.sum()).backward()
+        out.append([lp.detach(), ent.detach(), hidden.grad, weight.grad, bias.grad])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_several_ids_float64_gradcheck():
+    """Analytic backward with [K, m] ids (repeats included), entropy, per-row temperature, bias."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (7, 4), generator=g)
+    ids[0, 1] = ids[0, 0]
+    temp = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+
+    def f(h, w, b):
+        return kept_logprobs(h, w, ids, bias=b, temperature=temp, return_entropy=True, chunk_rows=3)
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_several_ids_at_most_one_chunk_of_logits_is_alive():
+    K, chunk, m = 400, 50, 9
+    hidden, weight, bias, _ = _leaves(K, 2)
+    ids = _ids(K, m, 2, duplicates=True)
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == V:
+                    seen.append(t.shape[0])
+            return out
+
+    with Spy():
+        lp, ent = kept_logprobs(hidden, weight, ids, bias=bias, temperature=0.9, return_entropy=True,
+                                chunk_rows=chunk)
+        (lp.sum() + ent.sum()).backward()
+    assert seen and max(seen) <= chunk
+    assert lp.shape == (K, m)
+
+
+def test_several_ids_bad_shapes():
+    h, w, _, _ = _leaves(4, 1)
+    with pytest.raises(ValueError, match="labels"):
+        kept_logprobs(h, w, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        kept_logprobs(h, w, torch.zeros(4, 2, 1, dtype=torch.long))
+    lp, _ = kept_logprobs(*_leaves(0, 1)[:2], torch.zeros(0, 3, dtype=torch.long))
+    assert lp.shape == (0, 3)

@@ -15,7 +15,8 @@ import torch
 from tip_verl import TIPConfig, full_logits_divergences, select_for_batch, topk_divergences
 from tip_verl.verl_adapter.opd import opd_step
 from tip_verl.verl_adapter.opd_config import TIPRunConfig
-from tip_verl.verl_adapter.topk_signal import topk_reverse_kl_rows
+from tip_verl.kept_logprobs import kept_logprobs
+from tip_verl.verl_adapter.topk_signal import topk_reverse_kl_from_logprobs, topk_reverse_kl_rows
 
 from .hf_forward import hf_response_logits
 
@@ -160,6 +161,37 @@ def test_topk_reverse_kl_rows_matches_exact_kl_and_its_gradient():
     top8 = teacher.topk(8, dim=-1)
     rev8, _ = topk_reverse_kl_rows(logits, labels, top8.values, top8.indices)
     assert bool((rev8 <= exact.detach() + 1e-5).all())
+
+
+def test_topk_reverse_kl_from_chunked_logprobs_equals_the_kept_logits_path():
+    """The chunked lm_head's log-probs at [label, teacher top-k] give the KL and label log-probs of
+    topk_reverse_kl_rows on the (K, V) logits, with the same gradients of hidden, weight and bias."""
+    g = torch.Generator().manual_seed(2)
+    K, H, V, k = 150, 24, 97, 8
+    hidden = torch.randn(K, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.4
+    bias = torch.randn(V, generator=g) * 0.3
+    temp = torch.rand(K, generator=g) + 0.5
+    labels = torch.randint(0, V, (K,), generator=g)
+    teacher = torch.log_softmax(torch.randn(K, V, generator=g) * 2, -1)
+    teacher[::2].scatter_(-1, labels[::2, None], 0.0)  # the label among the teacher's top-k on even rows
+    top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    w_kl, w_lp = torch.randn(K, generator=g), torch.randn(K, generator=g)
+    outs = []
+    for chunked in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        if chunked:
+            ids = torch.cat([labels[:, None], top.indices], dim=-1)
+            lp, _ = kept_logprobs(*leaves[:2], ids, bias=leaves[2], temperature=temp, chunk_rows=32)
+            rev, label_lp = topk_reverse_kl_from_logprobs(lp[:, 1:], top.values), lp[:, 0]
+        else:
+            logits = torch.nn.functional.linear(*leaves[:2], leaves[2]) / temp[:, None]
+            rev, label_lp = topk_reverse_kl_rows(logits, labels, top.values, top.indices)
+        ((rev * w_kl).sum() + (label_lp * w_lp).sum()).backward()
+        outs.append([rev.detach(), label_lp.detach()] + [t.grad for t in leaves])
+    assert bool((outs[0][0] > 0).all())
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rmpad", [False, True], ids=["padded", "remove_padding"])

@@ -28,7 +28,10 @@ How (no verl source edit):
   backward that recomputes each chunk, so at most ``chunk_rows x vocab`` logits exist at any time
   (``+tip.lm_head_chunk_rows``: rows per chunk, default 64 MiB of float32 logits; ``0`` turns
   chunking off). The lm_head module is still called, so FSDP's unshard/reshard hooks run as usual.
-  Without chunking (``+tip.lm_head_chunk_rows=0``, the top-k loss, lm_heads that are not a plain
+  With ``+tip.loss=topk_reverse_kl`` the chunked lm_head returns, per kept row, the log-probs at the
+  label and at the teacher's k top ids (taken when the micro-batch is planned), from which the top-k
+  reverse KL is computed: ``(K, 1 + k)`` numbers instead of ``(K, vocab)`` logits.
+  Without chunking (``+tip.lm_head_chunk_rows=0``, lm_heads that are not a plain
   ``nn.Linear`` or whose logits the model rescales) the log-probs of the ``(K, vocab)`` kept logits
   come from verl's ``logprobs_from_logits`` (flash-attn / NPU kernels where verl has them); where
   verl would fall back to its row-by-row float32 helper, an equivalent function whose backward
@@ -55,7 +58,8 @@ dynamic batch size and a static packed pad (``pad_to_length``) are handled.
 The same overrides serve the teacher top-k signal (:mod:`~tip_verl.verl_adapter.topk_signal`): in
 forward-only passes they add the teacher's top-k or the student's log-probs at those ids to the
 outputs, and in the update step of ``+tip.loss=topk_reverse_kl`` they compute the top-k reverse KL
-of the kept rows from the same kept-row logits.
+of the kept rows from the student's log-probs at the teacher's top-k ids (chunked lm_head) or from
+the kept-row logits (unchunked).
 
 Not covered (full computation, one ``logger.warning`` per reason): Ulysses sequence parallelism
 > 1, multimodal inputs / 3-D position ids, top-K distillation (needs full logits), Σπ² requests,
@@ -255,11 +259,15 @@ class SparsePlan:
     fired: int = 0
     handle: Any = field(default=None, repr=False)
     # chunked lm_head (non-fused path): the head whose forward is swapped, rows per chunk, the
-    # kept rows' temperature, and the (1, K, 1 or 2) tensor the swapped forward returned
+    # kept rows' temperature, and the tensor the swapped forward returned: (1, K, C), its columns the
+    # label log-prob, then (top-k loss) the k log-probs at the teacher's ids, then the entropy if asked
     head: Any = field(default=None, repr=False)
     chunk_rows: Optional[int] = None
     temperature: Optional[torch.Tensor] = None
     head_output: Optional[torch.Tensor] = field(default=None, repr=False)
+    # +tip.loss=topk_reverse_kl on the chunked lm_head: the teacher's top-k of the kept rows, (K, k) each
+    teacher_logprobs: Optional[torch.Tensor] = field(default=None, repr=False)
+    teacher_ids: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +371,6 @@ class TIPLMHeadMixin:
         chunk_rows = self.tip_settings.lm_head_chunk_rows
         if chunk_rows == 0:
             return
-        if self.tip_settings.loss == "topk_reverse_kl":
-            return  # the top-k reverse KL reads the kept rows' logits
         model = _hf_model(self.module)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if not isinstance(head, torch.nn.Linear) or "forward" in vars(head):
@@ -381,6 +387,11 @@ class TIPLMHeadMixin:
                 plan.temperature = output_args["temperature_rmpad"][plan.positions]
             else:
                 plan.temperature = output_args["temperature"][plan.seq_index]
+        if self.tip_settings.loss == "topk_reverse_kl":  # the head returns the log-probs at these ids too
+            teacher_logprobs, teacher_ids = topk_signal.teacher_rows_for_kept(micro_batch, plan.positions,
+                                                                             plan.seq_index)
+            plan.teacher_logprobs = teacher_logprobs.to(plan.positions.device)
+            plan.teacher_ids = teacher_ids.to(plan.positions.device, torch.long)
         plan.head = head
         plan.chunk_rows = chunk_rows
 
@@ -402,13 +413,18 @@ class TIPLMHeadMixin:
                 weight = weight.full_tensor()
             if isinstance(bias, DTensor):
                 bias = bias.full_tensor()
+            labels = plan.labels
+            if plan.teacher_ids is not None:  # (K, 1 + k): the label, then the teacher's top-k ids
+                labels = torch.cat([labels.unsqueeze(-1), plan.teacher_ids.to(labels.device)], dim=-1)
             log_probs, entropy = kept_logprobs(
-                hidden, weight, plan.labels, bias=bias, temperature=plan.temperature,
+                hidden, weight, labels, bias=bias, temperature=plan.temperature,
                 return_entropy=plan.calculate_entropy, chunk_rows=plan.chunk_rows,
             )
-            parts = (log_probs, entropy) if plan.calculate_entropy else (log_probs,)
-            # (1, K, 1 or 2), a fresh tensor, not a view: FSDP2 hooks its backward onto the module output
-            plan.head_output = torch.stack([p.unsqueeze(0) for p in parts], dim=-1)
+            columns = [log_probs.unsqueeze(-1) if log_probs.dim() == 1 else log_probs]
+            if plan.calculate_entropy:
+                columns.append(entropy.unsqueeze(-1))
+            # (1, K, C), a fresh tensor, not a view: FSDP2 hooks its backward onto the module output
+            plan.head_output = torch.cat([c.unsqueeze(0) for c in columns], dim=-1)
             return plan.head_output
 
         return chunked_lm_head
@@ -513,7 +529,13 @@ class TIPLMHeadMixin:
                 )
             log_probs_k = output.logits[0, :, 0]
             if plan.calculate_entropy:
-                entropy_k = output.logits[0, :, 1]
+                entropy_k = output.logits[0, :, -1]
+            if topk_loss:  # the top-k reverse KL from the log-probs at the teacher's ids (columns 1..k)
+                if plan.teacher_logprobs is None:
+                    raise RuntimeError("tip_verl sparse lm_head: the chunked lm_head has no teacher top-k")
+                k = plan.teacher_logprobs.shape[-1]
+                reverse_kl_k = topk_signal.topk_reverse_kl_from_logprobs(output.logits[0, :, 1:1 + k],
+                                                                          plan.teacher_logprobs)
         else:
             logits = output.logits
             if isinstance(logits, DTensor):

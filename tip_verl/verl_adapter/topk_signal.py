@@ -12,8 +12,10 @@ carry the teacher's top-k distribution instead (Eq. 3 with the top-k-plus-tail f
    from the logits it already produces (:data:`STUDENT_TOPK_LOGPROBS`; plus its own top-1 token for
    the token records): no extra forward;
 3. with ``+tip.loss=topk_reverse_kl`` the update step computes the top-k reverse KL of the kept
-   rows (:data:`TOPK_REVERSE_KL`) from the sparse lm_head's kept-row logits and backpropagates it
-   directly through the student's distribution (:func:`topk_reverse_kl_loss`).
+   rows (:data:`TOPK_REVERSE_KL`) from the student's log-probs at the teacher's top-k ids (the
+   chunked lm_head returns them without the ``(K, V)`` logits; with ``+tip.lm_head_chunk_rows=0``
+   they come from the kept-row logits) and backpropagates it directly through the student's
+   distribution (:func:`topk_reverse_kl_loss`).
 
 Which pass a call is travels as a non-tensor flag of the batch (``batch.extra_info``), set by the TIP
 trainer around that one call and cleared after it: :data:`FLAG_TEACHER_TOPK` (the teacher pass, with
@@ -246,26 +248,40 @@ def inference_outputs(output, output_args: dict, micro_batch, wanted: dict, use_
 # ---------------------------------------------------------------------------------------------
 # The direct top-k reverse-KL loss (update step, kept rows only)
 # ---------------------------------------------------------------------------------------------
+def topk_reverse_kl_from_logprobs(student_logprobs: torch.Tensor,
+                                  teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k-plus-tail reverse KL ``KL(S||T)`` (Eq. 3) from both sides' log-probs at the
+    teacher's top-k ids, ``(K, k)`` each; ``(K,)``, differentiable in ``student_logprobs``.
+
+    Both distributions are collapsed onto the k ids plus one tail bucket by
+    :func:`tip_verl.signals.topk_tail_kl`, as in :func:`tip_verl.signals.topk_divergences`, so k = V
+    gives the exact KL. The loss of ``+tip.loss=topk_reverse_kl`` on both paths of the sparse lm_head:
+    the kept rows' logits (:func:`topk_reverse_kl_rows`) and the chunked lm_head, which returns these
+    log-probs without the ``(K, V)`` logits.
+    """
+    ls = student_logprobs
+    lt = teacher_logprobs.to(torch.promote_types(ls.dtype, torch.float32))
+    ps = ls.exp()
+    # tails: 1 - Σp, computed as -expm1(logsumexp(log p)) (accurate when the top-k holds ~all mass)
+    tail_s = (-torch.expm1(torch.logsumexp(ls, dim=-1))).clamp_min(TAIL_EPS)
+    tail_t = (-torch.expm1(torch.logsumexp(lt, dim=-1))).clamp_min(TAIL_EPS)
+    return topk_tail_kl(ls, lt, tail_s, tail_t, ps=ps)
+
+
 def topk_reverse_kl_rows(logits: torch.Tensor, labels: torch.Tensor, teacher_logprobs: torch.Tensor,
                          teacher_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k-plus-tail reverse KL ``KL(S||T)`` (Eq. 3) and the label log-probs, differentiable.
 
     ``logits`` (K, V) are the kept rows (temperature applied); the teacher's top-k
-    ``teacher_logprobs``/``teacher_ids`` are (K, k). Both distributions are collapsed onto the k ids
-    plus one tail bucket by :func:`tip_verl.signals.topk_tail_kl`, as in
-    :func:`tip_verl.signals.topk_divergences`, so k = V gives the exact KL. Only ``(K,)`` and ``(K, k)``
-    tensors are added to the logits' own graph.
+    ``teacher_logprobs``/``teacher_ids`` are (K, k); the KL is :func:`topk_reverse_kl_from_logprobs`
+    of the student's log-probs at those ids. Only ``(K,)`` and ``(K, k)`` tensors are added to the
+    logits' own graph.
     """
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     ls = logits.gather(-1, teacher_ids.long()) - lse  # student log-probs at the teacher's top-k
     label_logprobs = (logits.gather(-1, labels.long().unsqueeze(-1)) - lse).squeeze(-1)
-    lt = teacher_logprobs.float()
-    ps = ls.exp()
-    # tails: 1 - Σp, computed as -expm1(logsumexp(log p)) (accurate when the top-k holds ~all mass)
-    tail_s = (-torch.expm1(torch.logsumexp(ls, dim=-1))).clamp_min(TAIL_EPS)
-    tail_t = (-torch.expm1(torch.logsumexp(lt, dim=-1))).clamp_min(TAIL_EPS)
-    return topk_tail_kl(ls, lt, tail_s, tail_t, ps=ps), label_logprobs
+    return topk_reverse_kl_from_logprobs(ls, teacher_logprobs), label_logprobs
 
 
 def teacher_rows_for_kept(micro_batch, positions: torch.Tensor, seq_index: torch.Tensor):
