@@ -243,12 +243,10 @@ def actor_config(args, model_dir: str):
 # ---------------------------------------------------------------------------------------------
 # memory probes
 # ---------------------------------------------------------------------------------------------
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+    from tip_verl.verl_adapter.cpu.platform import rss_bytes as platform_rss_bytes
+
+    return platform_rss_bytes()
 
 
 def hwm_bytes() -> int:
@@ -804,6 +802,8 @@ def compare_reports(args, runs: list[dict], out: Path) -> None:
             for j, c in enumerate(("tip_gather", "tip", "tip_fused")):
                 xs = [i + (j - 1) * width for i, ratio in enumerate(ratios) if (c, ratio) in by]
                 ys = [gib(by[(c, ratio)][key]) for ratio in ratios if (c, ratio) in by]
+                if not xs:  # not measured: no bars, no legend entry (an empty bar set has no colour)
+                    continue
                 bars = ax.bar(xs, ys, width, color=colors[c], label=COMPARE_LABELS[c])
                 for b, y in zip(bars, ys):
                     ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
