@@ -5,8 +5,8 @@ it waits until requests stop arriving (none new for ``batch_quiet_s``, at most `
 all), because verl's agent loop sends one request per sample over a second or so and one batch of
 128 is several times cheaper than eight small ones; samples do not depend on the batching (each
 request draws from its own generator). It groups the batch by sampling parameters and runs one
-left-padded ``generate`` per group in a worker thread. Weight updates and generation take the same lock, so a weight update never
-lands in the middle of a batch. ``abort_all_requests`` stops in-flight generation at the next token
+left-padded ``generate`` per group in a worker thread. Weight updates and generation take the same
+lock, so a weight update never lands in the middle of a batch. ``abort_all_requests`` stops in-flight generation at the next token
 (a stopping criterion) and returns the partial tokens with ``stop_reason="aborted"``; queued requests
 are answered ``aborted`` with no tokens.
 """
