@@ -108,8 +108,8 @@ def test_import_verl_prints_and_sets_the_same_with_the_plugin(probes, platform):
 
 
 def test_registrations_wait_for_their_verl_module():
-    """tip_sync / tip_opd are registered when verl imports its registries, and calling the entry point
-    again registers nothing twice."""
+    """tip_sync (and tip_colocate_async, tip_separate_async) / tip_opd / the tip_gloo checkpoint engine are
+    registered when verl imports its registries, and calling the entry point again registers nothing twice."""
     code = textwrap.dedent(
         """
         import sys
@@ -121,14 +121,19 @@ def test_registrations_wait_for_their_verl_module():
         from verl.trainer.ppo.v1 import get_trainer_cls
         plugin.register()
         plugin.register()
+        from verl.checkpoint_engine import CheckpointEngineRegistry
         print(sorted(waiting), get_trainer_cls("tip_sync").__name__, core_algos.get_adv_estimator_fn("tip_opd").__name__,
               _import_hooks.pending())
+        print(get_trainer_cls("tip_colocate_async").__name__, get_trainer_cls("tip_separate_async").__name__,
+              CheckpointEngineRegistry.get("tip_gloo").__name__)
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], env=_env("", "auto"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == (
-        "['verl.trainer.ppo.core_algos', 'verl.trainer.ppo.v1'] TIPTrainerSync tip_opd_advantage {}"
-    )
+    assert proc.stdout.strip().splitlines()[-2:] == [
+        "['verl.checkpoint_engine', 'verl.trainer.ppo.core_algos', 'verl.trainer.ppo.v1'] TIPTrainerSync "
+        "tip_opd_advantage {}",
+        "TIPTrainerColocateAsync TIPTrainerSeparateAsync GlooCheckpointEngine",
+    ]
     assert "registration" not in proc.stderr and "failed" not in proc.stderr

@@ -4,7 +4,9 @@ micro-batch sizes divide them. Standard library only (the start-up check and the
 Without dynamic batching, verl 0.9.1 splits every micro-batch pass of the V1 trainer as follows
 (``trainer/ppo/v1/trainer_base.py``, ``workers/engine_workers.py``, ``workers/engine/utils.py``):
 
-* the step's batch holds ``B = data.train_batch_size x rollout.n`` sequences, padded by
+* the step's batch holds ``B = data.train_batch_size x rollout.n`` sequences (``separate_async``: each of the
+  step's ``parameter_sync_step`` local updates runs every pass on ``data.train_batch_size / parameter_sync_step``
+  prompts, :func:`parameter_sync_step`), padded by
   ``_balance_batch`` up to a multiple of ``lcm(dp, M)`` (``M = actor.ppo_mini_batch_size x rollout.n``,
   ``dp = trainer.n_gpus_per_node x trainer.nnodes / ulysses_sequence_parallel_size``), then cut into
   ``dp`` equal shares;
@@ -75,6 +77,22 @@ def config_value(config: Any, dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+#: verl 0.9.1's default of ``trainer.v1.separate_async.parameter_sync_step`` (``trainer/config/ppo_trainer.yaml``)
+SEPARATE_ASYNC_SYNC_STEP = 4
+SYNC_STEP = "trainer.v1.separate_async.parameter_sync_step"
+_SEPARATE_ASYNC_MODES = ("separate_async", "tip_separate_async")
+
+
+def parameter_sync_step(config: Any) -> int:
+    """Local updates per global step: ``trainer.v1.separate_async.parameter_sync_step`` for ``separate_async`` and
+    ``tip_separate_async`` (verl's default 4), else 1. verl's trainer samples ``data.train_batch_size /
+    parameter_sync_step`` prompts per local update and runs every pass (log-probs, ref, update) on them."""
+    if str(config_value(config, "trainer.v1.trainer_mode", "sync")) not in _SEPARATE_ASYNC_MODES:
+        return 1
+    value = _int(config_value(config, SYNC_STEP, SEPARATE_ASYNC_SYNC_STEP))
+    return value if value is not None and value > 0 else SEPARATE_ASYNC_SYNC_STEP
+
+
 def _int(value: Any) -> Optional[int]:
     if value is None or isinstance(value, bool):
         return None
@@ -114,7 +132,7 @@ class Layout:
 
     ranks: int  # trainer.n_gpus_per_node x trainer.nnodes
     dp: int  # data-parallel ranks of the actor
-    batch: int  # sequences per step (train_batch_size x n), before verl's padding
+    batch: int  # sequences per pass (train_batch_size x n; separate_async: / parameter_sync_step), before padding
     padded_batch: int  # after verl's padding to a multiple of lcm(dp, mini-batch)
     mini_batch: int  # sequences per mini-batch (ppo_mini_batch_size x n)
     shares: tuple[Share, ...]
@@ -137,11 +155,16 @@ def layout(config: Any, *, use_reference_policy: bool = True) -> Optional[Layout
     if ranks % sp:
         return None  # verl reports this one itself
     dp = ranks // sp
-    batch, mini_batch = tbs * n, mini * n
+    sync_steps = parameter_sync_step(config)
+    if tbs % sync_steps:
+        return None  # verl asserts it itself (and the TIP start-up check names the flags)
+    batch, mini_batch = tbs // sync_steps * n, mini * n
     multiple = math.lcm(dp, mini_batch)
     padded = -(-batch // multiple) * multiple
     ranks_text = f"{N_GPUS}={n_gpus} x {NNODES}={nnodes}" + (f" / ulysses_sequence_parallel_size={sp}" if sp > 1 else "")
     batch_text = f"{TRAIN_BATCH}={tbs} x {ROLLOUT_N}={n}"
+    if sync_steps > 1:
+        batch_text = f"{TRAIN_BATCH}={tbs} / {SYNC_STEP}={sync_steps} x {ROLLOUT_N}={n}"
     if padded != batch:
         batch_text += f" = {batch}, padded by verl to {padded}"
     problems: list[str] = []

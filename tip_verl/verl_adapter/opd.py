@@ -93,3 +93,40 @@ def opd_step(
     metrics["tip/reverse_kl_mean"] = float(reverse_kl[response_mask].mean()) if response_mask.any() else 0.0
     metrics["tip/kept_reverse_kl_mean"] = float(reverse_kl[keep].sum() / n_keep)
     return OPDStep(advantages=advantages, keep_mask=keep, selection=selection, metrics=metrics)
+
+
+def staleness_metrics(tags, global_steps: int, keep_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """``tip/`` staleness of a training batch, as verl computes it (``trainer_base._compute_metrics``).
+
+    ``tags``: the batch's per-sequence tags (verl's ``KVBatchMeta.tags``, in row order), each with
+    ``min_global_steps`` / ``max_global_steps``, the weight versions the trajectory was generated across (one
+    version per global step; partial rollouts continue across weight updates). The policy trained in step
+    ``global_steps`` holds version ``global_steps - 1``, so a sequence lags by ``(global_steps - 1) -
+    max_global_steps`` versions (verl's ``trajectory_staleness``) and, at its oldest token, by
+    ``(global_steps - 1) - min_global_steps`` (``trajectory_staleness_worst``). verl's padding rows
+    (``is_padding``) are left out, as verl does. Metrics: ``tip/staleness_mean`` / ``_max``,
+    ``tip/staleness_worst_mean`` / ``_max``, ``tip/stale_sequence_share`` (sequences with a token from an older
+    version than the one trained) and, with ``keep_mask`` (``[B, T]``, rows as ``tags``),
+    ``tip/stale_kept_share``: the share of kept tokens that lie in such sequences. Empty when the tags lack
+    the versions (a rollout that does not report them).
+    """
+    rows = [i for i, tag in enumerate(tags) if not tag.get("is_padding", False)]
+    newest = [tags[i].get("max_global_steps") for i in rows]
+    oldest = [tags[i].get("min_global_steps") for i in rows]
+    if not rows or any(v is None for v in newest + oldest):
+        return {}
+    current = int(global_steps) - 1
+    staleness = torch.tensor([current - int(v) for v in newest], dtype=torch.float64)
+    worst = torch.tensor([current - int(v) for v in oldest], dtype=torch.float64)
+    stale = worst > 0
+    metrics = {
+        "tip/staleness_mean": float(staleness.mean()),
+        "tip/staleness_max": float(staleness.max()),
+        "tip/staleness_worst_mean": float(worst.mean()),
+        "tip/staleness_worst_max": float(worst.max()),
+        "tip/stale_sequence_share": float(stale.double().mean()),
+    }
+    if keep_mask is not None:
+        kept = keep_mask[rows].sum(dim=-1).double()
+        metrics["tip/stale_kept_share"] = float(kept[stale].sum() / kept.sum()) if kept.sum() > 0 else 0.0
+    return metrics

@@ -27,8 +27,14 @@ from typing import Any, Mapping
 
 from tip_verl.config import TIPConfig
 from tip_verl.verl_adapter.dp_layout import config_value as _get  # (standard library only)
+from tip_verl.verl_adapter.dp_layout import parameter_sync_step
 
 TRAINER_MODE = "tip_sync"
+#: Each TIP trainer mode and the verl V1 trainer mode it adds TIP to (``trainer.v1.trainer_mode``; the TIP
+#: trainer is :class:`~tip_verl.verl_adapter.trainer.TIPTrainerMixin` composed with verl's registered class).
+TRAINER_MODES = {"tip_sync": "sync", "tip_colocate_async": "colocate_async", "tip_separate_async": "separate_async"}
+#: verl's own mode -> the TIP mode to use instead (the start-up message of a verl mode given +tip flags)
+TIP_MODE_OF = {verl_mode: tip_mode for tip_mode, verl_mode in TRAINER_MODES.items()}
 ADV_ESTIMATOR = "tip_opd"
 #: Per-token reverse-KL estimates usable as the OPD advantage (advantage = minus the estimate).
 ADVANTAGE_ESTIMATORS = ("k1", "k3")
@@ -109,11 +115,12 @@ class TIPWorkerConfig:
 def tip_opd_advantage(*args, **kwargs):
     """verl's advantage estimator ``tip_opd`` (registered by the plugin): a placeholder so the flag validates.
 
-    The TIP trainer computes the advantage itself; reaching this means ``tip_opd`` without ``tip_sync``.
+    The TIP trainer computes the advantage itself; reaching this means ``tip_opd`` without a TIP trainer mode.
     """
     raise TIPConfigError(
         f"algorithm.adv_estimator={ADV_ESTIMATOR} is computed by the TIP trainer only: "
-        f"also set trainer.v1.trainer_mode={TRAINER_MODE} and +tip.teacher_path=..."
+        f"also set trainer.v1.trainer_mode={TRAINER_MODE} (or {', '.join(list(TRAINER_MODES)[1:])}) "
+        "and +tip.teacher_path=..."
     )
 
 
@@ -299,16 +306,21 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     mode = _get(config, "trainer.v1.trainer_mode")
     adv = _get(config, "algorithm.adv_estimator")
     server = _teacher_server(config)
-    if mode != TRAINER_MODE and adv == ADV_ESTIMATOR:
+    suggestion = TIP_MODE_OF.get(mode, TRAINER_MODE)
+    if mode not in TRAINER_MODES and adv == ADV_ESTIMATOR:
         raise TIPConfigError(
             f"algorithm.adv_estimator={ADV_ESTIMATOR} is computed by the TIP trainer only, but "
-            f"trainer.v1.trainer_mode={mode}: set trainer.v1.trainer_mode={TRAINER_MODE}."
+            f"trainer.v1.trainer_mode={mode}: set trainer.v1.trainer_mode={suggestion}."
         )
-    if mode != TRAINER_MODE:
-        raise TIPConfigError(f"trainer.v1.trainer_mode={mode}: OPD with TIP needs trainer.v1.trainer_mode={TRAINER_MODE}.")
+    if mode not in TRAINER_MODES:
+        flags = [f"+tip.{key}" for key in (_get(config, "tip") or {})]
+        given = f" (the job sets {', '.join(flags[:3])}{', ...' if len(flags) > 3 else ''})" if flags else ""
+        base = f": verl's {mode} trainer with TIP" if mode in TIP_MODE_OF else ""
+        raise TIPConfigError(f"trainer.v1.trainer_mode={mode}: OPD with TIP needs trainer.v1.trainer_mode={suggestion}"
+                             f"{given}{base}.")
     if server is None and adv != ADV_ESTIMATOR:
         raise TIPConfigError(
-            f"algorithm.adv_estimator={adv}: with trainer.v1.trainer_mode={TRAINER_MODE} the advantage is the "
+            f"algorithm.adv_estimator={adv}: with trainer.v1.trainer_mode={mode} the advantage is the "
             f"teacher's per-token reverse KL; set algorithm.adv_estimator={ADV_ESTIMATOR}."
         )
     if server is not None and adv == ADV_ESTIMATOR:
@@ -353,19 +365,60 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
                     "+tip.records_dir (default <trainer.default_local_dir>/tip_records)")
             raise TIPConfigError(f"{flag}={records_dir}: {e}; the token records (+tip.records_every="
                                  f"{run.records_every}) need a writable folder.") from None
+    if bool(_get(config, "algorithm.rollout_correction.bypass_mode", False)):
+        why = " and gathers the student's top-k log-probs" if run.teacher_signal == "topk" else ""
+        raise TIPConfigError(
+            "algorithm.rollout_correction.bypass_mode=True skips verl's old-log-prob pass, which computes the "
+            f"student's entropy that TIP's selection scores{why} (old_log_probs would be the rollout's own, no "
+            "entropy); set it to False (verl's decoupled mode: old log-probs recomputed by the current policy)."
+        )
     if run.teacher_signal == "topk":
         if bool(_get(config, "actor_rollout_ref.model.use_fused_kernels", False)):
             raise TIPConfigError(
                 "actor_rollout_ref.model.use_fused_kernels=True: the fused kernels never materialise the logits "
                 "that the top-k teacher signal is gathered from; set it to False."
             )
-        if bool(_get(config, "algorithm.rollout_correction.bypass_mode", False)):
-            raise TIPConfigError(
-                "algorithm.rollout_correction.bypass_mode=True skips the old-log-prob pass that gathers the "
-                "student's top-k log-probs; set it to False with the top-k teacher signal."
-            )
+    check_trainer_mode(config, mode)
     _check_retired_environment()
     return run
+
+
+def check_trainer_mode(config: Any, mode: str) -> None:
+    """What verl's asynchronous trainer of ``mode`` needs, checked on the driver (verl asserts it in the trainer,
+    after Ray started), each with the flag to change.
+
+    ``tip_separate_async`` (verl's ``separate_async``): generation runs on its own resource pool
+    (``actor_rollout_ref.rollout.nnodes`` x ``n_gpus_per_node`` devices) and receives the weights over a checkpoint
+    engine (``actor_rollout_ref.rollout.checkpoint_engine.backend``; ``naive`` only works in-process, with the
+    rollout colocated); one global step is ``parameter_sync_step`` updates of ``ppo_mini_batch_size`` prompts each.
+    """
+    if TRAINER_MODES.get(mode) != "separate_async":
+        return
+    rollout = "actor_rollout_ref.rollout"
+    for key in ("nnodes", "n_gpus_per_node"):
+        value = _get(config, f"{rollout}.{key}", 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise TIPConfigError(
+                f"{rollout}.{key}={value}: trainer.v1.trainer_mode={mode} generates on a separate resource pool of "
+                f"{rollout}.nnodes x {rollout}.n_gpus_per_node devices (verl's separate_async); set both > 0."
+            )
+    backend = _get(config, f"{rollout}.checkpoint_engine.backend", "naive")
+    if backend == "naive":
+        raise TIPConfigError(
+            f"{rollout}.checkpoint_engine.backend=naive: trainer.v1.trainer_mode={mode} sends the weights to the "
+            "separate rollout pool over a checkpoint engine; naive works only in-process with a colocated rollout. "
+            "Use nccl (GPUs; nixl, mooncake, ... likewise), or tip_gloo on the CPU platform "
+            f"({rollout}.checkpoint_engine.custom_backend_module=tip_verl.verl_adapter.gloo_checkpoint_engine)."
+        )
+    steps = parameter_sync_step(config)
+    train = _get(config, "data.train_batch_size")
+    mini = _get(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    if isinstance(train, int) and isinstance(mini, int) and steps * mini != train:
+        raise TIPConfigError(
+            f"data.train_batch_size={train} must equal trainer.v1.separate_async.parameter_sync_step={steps} x "
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} with trainer.v1.trainer_mode={mode} (verl's "
+            "separate_async trains one mini-batch per local update); change one of them."
+        )
 
 
 def _check_retired_environment() -> None:

@@ -9,8 +9,12 @@ what                                      verl registry (module)             whe
 ========================================  =================================  =========================
 ``algorithm.adv_estimator=tip_opd``       ``register_adv_est``               import of
                                           (``verl.trainer.ppo.core_algos``)  ``core_algos``
-``trainer.v1.trainer_mode=tip_sync``      ``register_trainer``               import of verl's V1
-                                          (``verl.trainer.ppo.v1``)          trainer package
+``trainer.v1.trainer_mode=tip_sync``,     ``register_trainer``               import of verl's V1
+``tip_colocate_async``,                   (``verl.trainer.ppo.v1``)          trainer package
+``tip_separate_async``
+checkpoint engine ``tip_gloo`` (weights   ``CheckpointEngineRegistry``       import of
+to a separate rollout pool over gloo,     (``verl.checkpoint_engine``)       ``verl.checkpoint_engine``
+:mod:`.gloo_checkpoint_engine`)
 TIP's start-up checks on the driver,      wraps ``validate_config``          import of
 before Ray (:mod:`.preflight`)            (``verl.utils.config``)            ``verl.utils.config``
 CPU platform, engines, ``hf`` rollout,    see :mod:`.cpu`                    only with
@@ -31,6 +35,7 @@ from tip_verl.verl_adapter._import_hooks import when_imported
 
 ADV_ESTIMATOR_MODULE = "verl.trainer.ppo.core_algos"
 TRAINER_MODULE = "verl.trainer.ppo.v1"
+CHECKPOINT_ENGINE_MODULE = "verl.checkpoint_engine"
 
 
 def _register_adv_estimator(core_algos: ModuleType) -> None:
@@ -41,10 +46,16 @@ def _register_adv_estimator(core_algos: ModuleType) -> None:
 
 
 def _register_trainer_mode(v1: ModuleType) -> None:
-    from tip_verl.verl_adapter.opd_config import TRAINER_MODE
-    from tip_verl.verl_adapter.trainer import TIPTrainerSync
+    from tip_verl.verl_adapter.trainer import TIP_TRAINERS
 
-    v1.register_trainer(TRAINER_MODE)(TIPTrainerSync)  # idempotent for the same class
+    for mode, trainer in TIP_TRAINERS.items():  # tip_sync, tip_colocate_async, tip_separate_async
+        v1.register_trainer(mode)(trainer)  # idempotent for the same class
+
+
+def _register_checkpoint_engine(_module: ModuleType) -> None:
+    from tip_verl.verl_adapter import gloo_checkpoint_engine
+
+    gloo_checkpoint_engine.register()
 
 
 def register() -> None:
@@ -54,6 +65,7 @@ def register() -> None:
     cpu.register()
     when_imported(ADV_ESTIMATOR_MODULE, _register_adv_estimator)
     when_imported(TRAINER_MODULE, _register_trainer_mode)
+    when_imported(CHECKPOINT_ENGINE_MODULE, _register_checkpoint_engine)
     # main_ppo calls verl.utils.config.validate_config on the driver before ray.init; a job without TIP
     # passes straight through the wrapper.
     when_imported(preflight.VERL_MODULE, preflight.install)

@@ -54,10 +54,11 @@ def __getattr__(name: str):
 
 
 def uses_tip(config: Any) -> bool:
-    """True when the job asks for TIP: the ``tip_sync`` trainer, the ``tip_opd`` estimator or any ``+tip.*`` flag."""
-    from .opd_config import ADV_ESTIMATOR, TRAINER_MODE, _get
+    """True when the job asks for TIP: a TIP trainer mode (``tip_sync``, ``tip_colocate_async``,
+    ``tip_separate_async``), the ``tip_opd`` estimator or any ``+tip.*`` flag."""
+    from .opd_config import ADV_ESTIMATOR, TRAINER_MODES, _get
 
-    return (_get(config, "trainer.v1.trainer_mode") == TRAINER_MODE
+    return (_get(config, "trainer.v1.trainer_mode") in TRAINER_MODES
             or _get(config, "algorithm.adv_estimator") == ADV_ESTIMATOR
             or _get(config, "tip") is not None)
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from omegaconf import open_dict
 
+from verl.experimental.separation.engine_workers import DetachActorWorker
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
@@ -167,7 +168,8 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
             if not teacher_path:
                 raise ValueError(
                     f"TIPActorRolloutRefWorker needs actor_rollout_ref.{WORKER_NODE}.teacher_path; it is set by "
-                    "trainer.v1.trainer_mode=tip_sync from +tip.teacher_path."
+                    "the TIP trainer (trainer.v1.trainer_mode=tip_sync, tip_colocate_async, tip_separate_async) from "
+                    "+tip.teacher_path."
                 )
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
         if "ref" in role:
@@ -200,3 +202,34 @@ class TIPActorRolloutRefWorker(ActorRolloutRefWorker):
             self.actor_worker_cls = _TopKLossTrainingWorker
         else:
             self.actor_worker_cls = actor_cls
+
+
+class TIPDetachActorWorker(TIPActorRolloutRefWorker, DetachActorWorker):
+    """verl's ``separate_async`` worker with TIP: ``DetachActorWorker`` (it saves the actor's weights to the CPU and
+    restores them, so that every mini-batch of a ``parameter_sync_step`` cycle recomputes its old log-probs with
+    the same pi_old) and :class:`TIPActorRolloutRefWorker` (the teacher as ref, the actor's sparse lm_head).
+
+    MRO: this class, :class:`TIPActorRolloutRefWorker`, ``DetachActorWorker``, ``ActorRolloutRefWorker``. TIP's
+    ``__init__`` runs ``DetachActorWorker.__init__`` (which runs verl's worker's) and then swaps the two inner
+    worker classes; ``save_model_to_cpu`` / ``restore_model_from_cpu`` act on ``self.actor.engine.module``, which
+    is the TIP actor engine's module (the sparse lm_head changes its forward, not its parameters).
+    """
+
+
+#: verl's worker class for a role -> the TIP worker that composes with it (verl 0.9.1: ``sync`` and
+#: ``colocate_async`` use ``ActorRolloutRefWorker``, ``separate_async`` ``DetachActorWorker``)
+TIP_WORKERS: dict[type, type] = {ActorRolloutRefWorker: TIPActorRolloutRefWorker, DetachActorWorker: TIPDetachActorWorker}
+
+
+def tip_worker_class(verl_worker: type) -> type:
+    """The TIP worker for a role whose worker verl's trainer mode chose (``verl_worker``, unwrapped from
+    ``ray.remote``): TIP's teacher ref and sparse lm_head on top of whatever that class adds."""
+    if isinstance(verl_worker, type) and issubclass(verl_worker, TIPActorRolloutRefWorker):
+        return verl_worker
+    try:
+        return TIP_WORKERS[verl_worker]
+    except (KeyError, TypeError):
+        raise TIPConfigError(
+            f"the trainer mode's worker class {getattr(verl_worker, '__qualname__', verl_worker)!r} has no TIP "
+            f"counterpart (tip_verl composes TIP with {', '.join(c.__name__ for c in TIP_WORKERS)})."
+        ) from None

@@ -1,13 +1,22 @@
-"""verl V1 trainer mode ``tip_sync``: on-policy distillation with TIP token selection.
+"""verl V1 trainer modes ``tip_sync``, ``tip_colocate_async``, ``tip_separate_async``: OPD with TIP token selection.
 
-It is verl's synchronous trainer (``PPOTrainerSync``) with three changes:
+Each is one of verl's V1 trainers (``PPOTrainerSync``, ``PPOTrainerColocateAsync``, ``PPOTrainerSeparateAsync``)
+with :class:`TIPTrainerMixin` first in its MRO, which changes three things:
 
-1. the reference model is always built and is the teacher (:class:`TIPActorRolloutRefWorker`);
-2. ``_compute_advantage`` runs TIP on the driver, once per training batch, after verl's old-log-prob
-   pass (student log-probs + entropy) and ref pass (teacher log-probs): the kept set does not depend
-   on micro-batch size, dynamic batching or data-parallel layout;
+1. the reference model is always built and is the teacher (:class:`TIPActorRolloutRefWorker`, composed with
+   the worker class the verl mode chose: ``DetachActorWorker`` for ``separate_async``);
+2. ``_compute_advantage`` runs TIP on the driver, once per training batch (per local update when
+   ``separate_async`` makes ``parameter_sync_step`` > 1), after verl's old-log-prob pass (student log-probs
+   + entropy, recomputed by the policy being updated) and ref pass (teacher log-probs): the kept set does
+   not depend on micro-batch size, dynamic batching or data-parallel layout;
 3. the keep-mask is written to both ``response_mask`` and ``loss_mask``, so verl's token-mean
-   averages over kept tokens only (Eq. 7) and dropped tokens get no gradient.
+   averages over kept tokens only (Eq. 7), its importance ratio and clipping see kept tokens only and
+   dropped tokens get no gradient.
+
+Every method the mixin overrides calls ``super()``, so the verl mode's own overrides run inside it
+(``separate_async``'s ``_init_resource_pool_mgr`` and its pi_old save/restore ``_compute_old_log_prob``).
+verl's base class reads ``self.trainer_mode`` for the mode's semantics and settings (replay buffer,
+``trainer.v1.<mode>.*``, checkpointed TransferQueue); the mixin answers with the verl mode it composes with.
 
 Metrics go to verl's own tracker under ``tip/``.
 """
@@ -25,13 +34,15 @@ from tensordict import TensorDict
 
 from verl.single_controller.ray import ResourcePoolManager
 from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
+from verl.trainer.ppo.v1.trainer_separate_async import PPOTrainerSeparateAsync
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.analysis.records import TokenRecordWriter
 
 from . import topk_signal
-from .opd import opd_step
+from .opd import opd_step, staleness_metrics
 from .opd_config import WORKER_NODE, TIPConfigError, validate_verl_config
 
 logger = logging.getLogger(__name__)
@@ -55,7 +66,24 @@ class TIPTrainerMixin:
     distillation teacher server (``distillation.enabled=true``), where TIP only masks verl's
     distillation loss. Teacher signal: the sampled token's log-prob, or (``+tip.teacher_signal=topk``)
     the teacher's top-k (:mod:`tip_verl.verl_adapter.topk_signal`).
+
+    A concrete class puts the mixin before a verl trainer and names that trainer's mode in
+    :attr:`verl_trainer_mode`.
     """
+
+    #: the verl V1 trainer mode this class adds TIP to (``sync``, ``colocate_async``, ``separate_async``)
+    verl_trainer_mode: str = "sync"
+
+    @property
+    def trainer_mode(self) -> str:
+        """What verl's base class reads to pick the mode's replay buffer, refill, checkpointing and
+        ``trainer.v1.<mode>.*`` settings (``parameter_sync_step``): the verl mode, not ``tip_*``."""
+        return self.verl_trainer_mode
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        # PPOTrainer.__init__ assigns config.trainer.v1.trainer_mode (the tip_* name); kept for the record.
+        self.tip_trainer_mode = value
 
     def __init__(self, config):
         # Imported here: teacher.py imports verl's engine workers, which only a running trainer needs (this
@@ -89,22 +117,32 @@ class TIPTrainerMixin:
                        self.tip.teacher_path or "verl distillation teacher server", self.tip.to_dict())
 
     def _init_resource_pool_mgr(self):
-        from .teacher import TIPActorRolloutRefWorker
-
+        # verl's mapping first, with the mode's own worker classes (separate_async: DetachActorWorker); each role
+        # TIP takes over gets TIP's worker composed with the class verl chose for it (teacher.tip_worker_class).
         super()._init_resource_pool_mgr()
         mapping, pools = self.role_worker_mapping, self.mapping
+
+        def tip_worker(role):
+            from .teacher import tip_worker_class
+
+            chosen = mapping[role]
+            return ray.remote(tip_worker_class(getattr(chosen, "__ray_actor_class__", chosen)))
+
         if self.tip.teacher_source == "server":  # verl's teacher pool stays; the actor gets the TIP worker
             for role in (Role.ActorRollout, Role.Actor):
                 if role in mapping:
-                    mapping[role] = ray.remote(TIPActorRolloutRefWorker)
+                    mapping[role] = tip_worker(role)
         elif Role.ActorRollout in mapping:  # verl chose no ref: give the hybrid worker one, built from the teacher
+            worker = tip_worker(Role.ActorRollout)
             mapping.pop(Role.ActorRollout)
             pools[Role.ActorRolloutRef] = pools.pop(Role.ActorRollout)
-            mapping[Role.ActorRolloutRef] = ray.remote(TIPActorRolloutRefWorker)
+            mapping[Role.ActorRolloutRef] = worker
         elif Role.ActorRolloutRef in mapping:
-            mapping[Role.ActorRolloutRef] = ray.remote(TIPActorRolloutRefWorker)
-        else:  # separate actor / ref workers
-            mapping[Role.RefPolicy] = ray.remote(TIPActorRolloutRefWorker)
+            mapping[Role.ActorRolloutRef] = tip_worker(Role.ActorRolloutRef)
+        else:  # separate actor and ref workers (separate_async with actor_rollout_ref.hybrid_engine=False)
+            actor = tip_worker(Role.Actor)
+            mapping[Role.RefPolicy] = tip_worker(Role.RefPolicy) if Role.RefPolicy in mapping else actor
+            mapping[Role.Actor] = actor
             pools.setdefault(Role.RefPolicy, pools[Role.Actor])
         self.resource_pool_manager = ResourcePoolManager(
             resource_pool_spec=self.resource_pool_manager.resource_pool_spec, mapping=pools
@@ -134,8 +172,9 @@ class TIPTrainerMixin:
         return super()._compute_ref_log_prob(batch, metrics)
 
     # -- selection -------------------------------------------------------------------------------
-    def _tip_signals(self, batch, extra_fields: list[str]):
-        """The padded ``[B, T(, k)]`` signals of a batch: student, teacher, entropy, mask, top-k."""
+    def _tip_signals(self, batch, extra_fields: list[str], optional_fields: tuple[str, ...] = ()):
+        """The padded ``[B, T(, k)]`` signals of a batch: student, teacher, entropy, mask, top-k (and
+        ``optional_fields`` when the batch has them)."""
         fields = ["response_mask", "old_log_probs", "entropy", *extra_fields]
         topk = self.tip.teacher_signal == "topk"
         if self.tip.teacher_source == "ref":
@@ -150,7 +189,8 @@ class TIPTrainerMixin:
             fields.append(topk_signal.STUDENT_TOPK_LOGPROBS)
             if "responses" in extra_fields:  # token records: both models' top choices
                 fields += [topk_signal.STUDENT_TOP1_LOGPROB, topk_signal.STUDENT_TOP1_ID]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=[*fields, *optional_fields])
         missing = [f for f in fields if f not in data.keys()]
         if missing:
             raise RuntimeError(
@@ -187,27 +227,66 @@ class TIPTrainerMixin:
 
     def _compute_advantage(self, batch, metrics: dict):
         if self.tip.teacher_source == "server":
-            # verl's own advantage (task rewards), then TIP masks verl's distillation loss
+            # verl's own advantage (task rewards) and its rollout correction (IS weights; rejection sampling
+            # removes tokens from response_mask, which TIP then selects from), then TIP masks verl's distillation loss
             batch = super()._compute_advantage(batch, metrics)
-        extra = ["responses"] if self.tip_records.should_write(int(self.global_steps)) else []
-        signals, nested_mask, padded = self._tip_signals(batch, extra)
+        step_index = int(self.global_steps)
+        # separate_async with parameter_sync_step > 1 calls this once per local update (mini-batch) of a step
+        local_step = int(getattr(self, "local_trigger_step", 0) or 0)
+        records = local_step == 0 and self.tip_records.should_write(step_index)
+        correction = self.tip.teacher_source == "ref" and rollout_correction_enabled(self.config)
+        signals, nested_mask, padded = self._tip_signals(batch, ["responses"] if records else [],
+                                                         ("rollout_log_probs",) if correction else ())
+        output = {}
+        if correction and "rollout_log_probs" in padded.keys():
+            # what verl's _compute_advantage does on its own path (decoupled mode): rejection sampling and IS
+            # weights from pi_old (the recomputed old log-probs) vs the rollout's log-probs
+            mask, weights, correction_metrics = rollout_correction(
+                self.config.algorithm.rollout_correction, old_log_probs=padded["old_log_probs"],
+                rollout_log_probs=padded["rollout_log_probs"], response_mask=signals["response_mask"])
+            metrics.update(correction_metrics)
+            signals["response_mask"] = mask
+            if weights is not None:
+                output["rollout_is_weights"] = response_to_nested(weights.float(), nested_mask)
         response_mask = signals["response_mask"]
-        generator = torch.Generator().manual_seed(self.tip.selection.seed * 1_000_003 + int(self.global_steps))
-        step = opd_step(self.tip, vocab_size=self.tip_vocab_size, generator=generator, **signals)
+        seed = self.tip.selection.seed * 1_000_003 + step_index + local_step * 100_000_007
+        step = opd_step(self.tip, vocab_size=self.tip_vocab_size, generator=torch.Generator().manual_seed(seed),
+                        **signals)
         metrics.update(step.metrics)
+        metrics.update(staleness_metrics(batch.tags, step_index, step.keep_mask))
         if "responses" in padded:
             self.tip_records.maybe_write(
-                int(self.global_steps), selection=step.selection, response_mask=response_mask.bool(),
+                step_index, selection=step.selection, response_mask=response_mask.bool(),
                 token_ids=padded["responses"], sequence_ids=list(batch.keys), extra=_top_choices(signals, padded),
             )
         keep = response_to_nested(step.keep_mask.to(response_mask.dtype), nested_mask)
-        output = {"response_mask": keep, "loss_mask": keep}
+        output.update(response_mask=keep, loss_mask=keep)
         if self.tip.teacher_source == "ref":
             advantages = response_to_nested(step.advantages.float(), nested_mask)
             output.update(advantages=advantages, returns=advantages)
         return tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
+
+
+def rollout_correction_enabled(config) -> bool:
+    """Whether verl's own ``_compute_advantage`` would run its rollout correction (decoupled mode: a
+    ``algorithm.rollout_correction`` node and no bypass; it then also needs the rollout's log-probs)."""
+    node = config.algorithm.get("rollout_correction", None)
+    return node is not None and not bool(node.get("bypass_mode", False))
+
+
+def rollout_correction(node, *, old_log_probs, rollout_log_probs, response_mask):
+    """verl's rollout correction on padded ``[B, T]`` tensors: ``(response_mask after rejection sampling, IS
+    weights or None, metrics)``, from verl's ``compute_rollout_correction_and_add_to_batch``."""
+    from verl import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    data = DataProto.from_dict(tensors={"old_log_probs": old_log_probs, "rollout_log_probs": rollout_log_probs,
+                                        "response_mask": response_mask})
+    data, metrics = compute_rollout_correction_and_add_to_batch(data, node)
+    weights = data.batch["rollout_is_weights"] if "rollout_is_weights" in data.batch.keys() else None
+    return data.batch["response_mask"].to(response_mask.dtype), weights, metrics
 
 
 def _top_choices(signals: dict, padded) -> dict | None:
@@ -287,5 +366,27 @@ class TIPTrainerSync(TIPTrainerMixin, PPOTrainerSync):
     """``trainer.v1.trainer_mode=tip_sync``: verl's synchronous trainer running OPD with TIP.
 
     Registered with verl's ``register_trainer`` by :mod:`tip_verl.verl_adapter.plugin` once verl's V1
-    trainer package is imported.
+    trainer package is imported (so are the two classes below).
     """
+
+    verl_trainer_mode = "sync"
+
+
+class TIPTrainerColocateAsync(TIPTrainerMixin, PPOTrainerColocateAsync):
+    """``trainer.v1.trainer_mode=tip_colocate_async``: verl's ``colocate_async`` trainer (rollout on the training
+    devices, partial rollouts continued across weight updates, ``num_warmup_batches`` in flight) with TIP."""
+
+    verl_trainer_mode = "colocate_async"
+
+
+class TIPTrainerSeparateAsync(TIPTrainerMixin, PPOTrainerSeparateAsync):
+    """``trainer.v1.trainer_mode=tip_separate_async``: verl's ``separate_async`` trainer (generation on its own
+    resource pool, weights sent over a checkpoint engine, ``parameter_sync_step`` updates per step with pi_old
+    kept on the CPU) with TIP; the workers are :class:`~tip_verl.verl_adapter.teacher.TIPDetachActorWorker`."""
+
+    verl_trainer_mode = "separate_async"
+
+
+#: ``trainer.v1.trainer_mode`` name -> TIP trainer class (the names are :data:`.opd_config.TRAINER_MODES`)
+TIP_TRAINERS = {"tip_sync": TIPTrainerSync, "tip_colocate_async": TIPTrainerColocateAsync,
+                "tip_separate_async": TIPTrainerSeparateAsync}
