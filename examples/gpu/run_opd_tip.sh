@@ -27,6 +27,18 @@
 #   LR, TRAIN_BATCH_SIZE, PPO_MINI_BATCH_SIZE, ROLLOUT_N, MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH,
 #   TOTAL_EPOCHS, TOTAL_TRAINING_STEPS, WARMUP_RATIO, MIN_LR_RATIO, WEIGHT_DECAY, VAL_N, TEST_FREQ,
 #   SAVE_FREQ, GPU_MEMORY_UTILIZATION, LOGGER, SEED, PYTHON -- see the defaults below.
+#   TRAINER_MODE  tip_sync (default) | tip_colocate_async | tip_separate_async -- verl's V1 trainer the job
+#                 runs (sync | colocate_async | separate_async) with TIP; run_opd_tip_colocate_async.sh and
+#                 run_opd_tip_separate_async.sh set it. Asynchronous modes:
+#     NUM_WARMUP_BATCHES  batches generated ahead of training (verl's num_warmup_batches; default 1)
+#     MAX_OFF_POLICY      most weight versions a trajectory may span (trainer.v1.sampler.max_off_policy_threshold;
+#                         default 8, verl's) and MAX_OFF_POLICY_STRATEGY drop | wait (default drop, verl's)
+#   tip_separate_async only (generation on its own GPUs; weights sent over a checkpoint engine):
+#     ROLLOUT_NNODES, ROLLOUT_GPUS_PER_NODE  the rollout pool (default 1, 4; N_GPUS_PER_NODE defaults to 4 then:
+#                         4 training + 4 rollout GPUs on one 8-GPU node)
+#     PARAMETER_SYNC_STEP updates per global step, one mini-batch each (default 4, verl's); PPO_MINI_BATCH_SIZE
+#                         defaults to TRAIN_BATCH_SIZE / PARAMETER_SYNC_STEP (verl requires the product to match)
+#     CHECKPOINT_ENGINE   nccl (default) | nixl | mooncake | ... (verl's weight-sync backends)
 #   DRY_RUN=1     print the full command (one line, shell-quoted) instead of running it.
 #
 # Paper settings used here: AdamW with a cosine schedule, lr 1e-6 (Qwen3, Qwen2.5) / 3e-7 (Llama),
@@ -99,19 +111,43 @@ done
 (( ${#val_files[@]} > 0 )) || die "DATA_DIR='$DATA_DIR' has none of math500.parquet, aime24.parquet, aime25.parquet (validation sets); add them with 'python -m tip_verl.tools.math_data --math500 PATH --aime24 PATH --aime25 PATH --out $DATA_DIR'"
 val_list="[$(IFS=,; echo "${val_files[*]}")]"
 
+TRAINER_MODE="${TRAINER_MODE:-tip_sync}"
+case "$TRAINER_MODE" in
+    tip_sync|tip_colocate_async|tip_separate_async) ;;
+    *) die "TRAINER_MODE='$TRAINER_MODE' must be tip_sync, tip_colocate_async or tip_separate_async" ;;
+esac
 NNODES="${NNODES:-1}"
-N_GPUS_PER_NODE="${N_GPUS_PER_NODE:-8}"
+if [[ "$TRAINER_MODE" == tip_separate_async ]]; then default_gpus=4; else default_gpus=8; fi
+N_GPUS_PER_NODE="${N_GPUS_PER_NODE:-$default_gpus}"
 ROLLOUT_TP="${ROLLOUT_TP:-$default_tp}"
 PROJECT="${PROJECT:-tip_opd}"
 EXPERIMENT="${EXPERIMENT:-${PAIR}_${METHOD}}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/$PROJECT/$EXPERIMENT}"
-for var in NNODES N_GPUS_PER_NODE ROLLOUT_TP; do
+NUM_WARMUP_BATCHES="${NUM_WARMUP_BATCHES:-1}"
+MAX_OFF_POLICY="${MAX_OFF_POLICY:-8}"
+MAX_OFF_POLICY_STRATEGY="${MAX_OFF_POLICY_STRATEGY:-drop}"
+ROLLOUT_NNODES="${ROLLOUT_NNODES:-1}"
+ROLLOUT_GPUS_PER_NODE="${ROLLOUT_GPUS_PER_NODE:-4}"
+PARAMETER_SYNC_STEP="${PARAMETER_SYNC_STEP:-4}"
+CHECKPOINT_ENGINE="${CHECKPOINT_ENGINE:-nccl}"
+for var in NNODES N_GPUS_PER_NODE ROLLOUT_TP MAX_OFF_POLICY ROLLOUT_NNODES ROLLOUT_GPUS_PER_NODE PARAMETER_SYNC_STEP; do
     [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var='${!var}' must be a positive integer"
 done
+[[ "$NUM_WARMUP_BATCHES" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "NUM_WARMUP_BATCHES='$NUM_WARMUP_BATCHES' must be a number >= 0"
+case "$MAX_OFF_POLICY_STRATEGY" in drop|wait) ;; *) die "MAX_OFF_POLICY_STRATEGY='$MAX_OFF_POLICY_STRATEGY' must be drop or wait" ;; esac
+[[ "$CHECKPOINT_ENGINE" != naive ]] || die "CHECKPOINT_ENGINE=naive cannot send weights to a separate rollout pool; use nccl (or nixl, mooncake, ...)"
 
 LR="${LR:-$default_lr}"
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-64}"               # prompts per step
-PPO_MINI_BATCH_SIZE="${PPO_MINI_BATCH_SIZE:-$TRAIN_BATCH_SIZE}"  # one optimizer step per batch: on-policy
+if [[ "$TRAINER_MODE" == tip_separate_async ]]; then
+    # verl's separate_async: one global step = PARAMETER_SYNC_STEP updates of one mini-batch each
+    [[ "$TRAIN_BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] && (( TRAIN_BATCH_SIZE % PARAMETER_SYNC_STEP == 0 )) \
+        || die "TRAIN_BATCH_SIZE='$TRAIN_BATCH_SIZE' must be a multiple of PARAMETER_SYNC_STEP=$PARAMETER_SYNC_STEP with TRAINER_MODE=tip_separate_async"
+    default_mini=$(( TRAIN_BATCH_SIZE / PARAMETER_SYNC_STEP ))
+else
+    default_mini="$TRAIN_BATCH_SIZE"                     # one optimizer step per batch: on-policy
+fi
+PPO_MINI_BATCH_SIZE="${PPO_MINI_BATCH_SIZE:-$default_mini}"
 ROLLOUT_N="${ROLLOUT_N:-4}"                              # student rollouts per prompt
 MAX_PROMPT_LENGTH="${MAX_PROMPT_LENGTH:-1024}"
 MAX_RESPONSE_LENGTH="${MAX_RESPONSE_LENGTH:-8192}"
@@ -130,7 +166,7 @@ PYTHON="${PYTHON:-python3}"
 max_token_len=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))  # dynamic batch size budget per GPU
 
 tip_args=(
-    trainer.v1.trainer_mode=tip_sync
+    "trainer.v1.trainer_mode=$TRAINER_MODE"
     algorithm.adv_estimator=tip_opd
     "+tip.teacher_path=$TEACHER_PATH"
     "+tip.method=$tip_method"
@@ -149,9 +185,32 @@ tip_args+=(
 if [[ "$TEACHER_SIGNAL" == topk ]]; then tip_args+=("+tip.topk_k=$TOPK_K" "+tip.loss=$TIP_LOSS"); fi
 if [[ "$TIP_LOSS" == pg ]]; then tip_args+=(+tip.advantage_estimator=k1); fi
 
+# verl's asynchronous trainers: generation runs ahead of training (partial rollouts continue across weight
+# updates), so a batch may come from older weights; TIP selects on the old log-probs verl recomputes with the
+# policy being updated and reports the lag as tip/staleness_* (README, "asynchronous trainers").
+mode_args=()
+if [[ "$TRAINER_MODE" == tip_colocate_async ]]; then
+    mode_args+=("trainer.v1.colocate_async.num_warmup_batches=$NUM_WARMUP_BATCHES")
+elif [[ "$TRAINER_MODE" == tip_separate_async ]]; then
+    mode_args+=(
+        "trainer.v1.separate_async.num_warmup_batches=$NUM_WARMUP_BATCHES"
+        "trainer.v1.separate_async.parameter_sync_step=$PARAMETER_SYNC_STEP"
+        "actor_rollout_ref.rollout.nnodes=$ROLLOUT_NNODES"
+        "actor_rollout_ref.rollout.n_gpus_per_node=$ROLLOUT_GPUS_PER_NODE"
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=$CHECKPOINT_ENGINE"
+    )
+fi
+if [[ "$TRAINER_MODE" != tip_sync ]]; then
+    mode_args+=(
+        "trainer.v1.sampler.max_off_policy_threshold=$MAX_OFF_POLICY"
+        "trainer.v1.sampler.max_off_policy_strategy=$MAX_OFF_POLICY_STRATEGY"
+    )
+fi
+
 cmd=(
     "$PYTHON" -m verl.trainer.main_ppo
     "${tip_args[@]}"
+    "${mode_args[@]}"
     # OPD: the KL to the teacher is the whole signal (no KL loss, entropy bonus or KL-in-reward).
     actor_rollout_ref.actor.use_kl_loss=False
     actor_rollout_ref.actor.entropy_coeff=0
@@ -231,5 +290,5 @@ fi
 "$PYTHON" -c "import tip_verl.verl_adapter, verl" 2>/dev/null \
     || die "'$PYTHON' cannot import tip_verl and verl; install them first (pip install -e '.[gpu]') or set PYTHON"
 mkdir -p "$OUTPUT_DIR"
-echo "run_opd_tip.sh: PAIR=$PAIR METHOD=$METHOD student=$STUDENT_PATH teacher=$TEACHER_PATH -> $OUTPUT_DIR" >&2
+echo "run_opd_tip.sh: PAIR=$PAIR METHOD=$METHOD TRAINER_MODE=$TRAINER_MODE student=$STUDENT_PATH teacher=$TEACHER_PATH -> $OUTPUT_DIR" >&2
 exec "${cmd[@]}"

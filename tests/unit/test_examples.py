@@ -14,6 +14,8 @@ from tests.unit.test_checkpoints import make_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "examples" / "gpu" / "run_opd_tip.sh"
 SWEEP = ROOT / "examples" / "gpu" / "sweep_paper_methods.sh"
+COLOCATE_ASYNC = ROOT / "examples" / "gpu" / "run_opd_tip_colocate_async.sh"
+SEPARATE_ASYNC = ROOT / "examples" / "gpu" / "run_opd_tip_separate_async.sh"
 
 COMMON_TIP = {
     "+tip.selection_scope": "sequence", "+tip.norm_scope": "batch", "+tip.divergence": "k3",
@@ -50,7 +52,10 @@ def setup_dirs(tmp_path_factory):
 def _env(setup_dirs, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PAIR", "METHOD", "STUDENT_PATH", "TEACHER_PATH", "DATA_DIR", "NNODES", "N_GPUS_PER_NODE",
-                        "ROLLOUT_TP", "OUTPUT_DIR", "PROJECT", "EXPERIMENT", "METHODS", "LR", "KEEP_GOING")}
+                        "ROLLOUT_TP", "OUTPUT_DIR", "PROJECT", "EXPERIMENT", "METHODS", "LR", "KEEP_GOING",
+                        "TRAINER_MODE", "TRAIN_BATCH_SIZE", "PPO_MINI_BATCH_SIZE", "PARAMETER_SYNC_STEP",
+                        "ROLLOUT_NNODES", "ROLLOUT_GPUS_PER_NODE", "CHECKPOINT_ENGINE", "NUM_WARMUP_BATCHES",
+                        "MAX_OFF_POLICY", "MAX_OFF_POLICY_STRATEGY")}
     env.update({"MODEL_ROOT": str(setup_dirs["models"]), "DATA_DIR": str(setup_dirs["data"]), "DRY_RUN": "1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -79,7 +84,7 @@ def _as_dict(overrides: list[str]) -> dict:
 
 
 def test_scripts_parse_with_bash_n():
-    for script in (RUN, SWEEP):
+    for script in (RUN, SWEEP, COLOCATE_ASYNC, SEPARATE_ASYNC):
         res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
 
@@ -278,3 +283,90 @@ def test_teacher_signal_options(setup_dirs):
                          ({"TEACHER_SIGNAL": "topk", "TOPK_K": "0"}, "TOPK_K='0' must be")]:
         bad = _run(RUN, _env(setup_dirs, **env))
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+ASYNC_SAMPLER = {"trainer.v1.sampler.max_off_policy_threshold": "8", "trainer.v1.sampler.max_off_policy_strategy": "drop"}
+
+
+def test_async_scripts_set_the_mode_and_what_it_needs(setup_dirs):
+    """run_opd_tip_colocate_async.sh / run_opd_tip_separate_async.sh: run_opd_tip.sh with TRAINER_MODE set; the sync
+    script's command line gains no mode flags."""
+    sync = _as_dict(_overrides(_run(RUN, _env(setup_dirs)).stdout)[1])
+    assert sync["trainer.v1.trainer_mode"] == "tip_sync"
+    assert not [k for k in sync if k.startswith(("trainer.v1.colocate_async", "trainer.v1.separate_async",
+                                                 "trainer.v1.sampler", "actor_rollout_ref.rollout.checkpoint"))]
+    res = _run(COLOCATE_ASYNC, _env(setup_dirs, MAX_OFF_POLICY=2), "trainer.total_epochs=2")
+    assert res.returncode == 0, res.stderr
+    colocate = _as_dict(_overrides(res.stdout)[1])
+    assert colocate["trainer.v1.trainer_mode"] == "tip_colocate_async"
+    assert colocate["trainer.v1.colocate_async.num_warmup_batches"] == "1"
+    assert colocate["trainer.v1.sampler.max_off_policy_threshold"] == "2"
+    assert colocate["trainer.n_gpus_per_node"] == "8" and colocate["actor_rollout_ref.actor.ppo_mini_batch_size"] == "64"
+    assert colocate["trainer.total_epochs"] == "2"  # extra arguments still win
+    assert {k: v for k, v in colocate.items() if k not in ("trainer.v1.trainer_mode", "trainer.total_epochs")
+            and not k.startswith(("trainer.v1.colocate_async", "trainer.v1.sampler"))} == \
+        {k: v for k, v in sync.items() if k not in ("trainer.v1.trainer_mode", "trainer.total_epochs")}
+    separate = _as_dict(_overrides(_run(SEPARATE_ASYNC, _env(setup_dirs)).stdout)[1])
+    assert separate["trainer.v1.trainer_mode"] == "tip_separate_async"
+    assert {k: separate[k] for k in ("trainer.n_gpus_per_node", "actor_rollout_ref.rollout.nnodes",
+                                     "actor_rollout_ref.rollout.n_gpus_per_node",
+                                     "trainer.v1.separate_async.parameter_sync_step", "data.train_batch_size",
+                                     "actor_rollout_ref.actor.ppo_mini_batch_size",
+                                     "actor_rollout_ref.rollout.checkpoint_engine.backend")} == {
+        "trainer.n_gpus_per_node": "4", "actor_rollout_ref.rollout.nnodes": "1",
+        "actor_rollout_ref.rollout.n_gpus_per_node": "4", "trainer.v1.separate_async.parameter_sync_step": "4",
+        "data.train_batch_size": "64", "actor_rollout_ref.actor.ppo_mini_batch_size": "16",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend": "nccl"}
+    assert {k: separate[k] for k in ASYNC_SAMPLER} == ASYNC_SAMPLER
+    # the sweep runs in an async mode too
+    sweep = _run(SWEEP, _env(setup_dirs, METHODS="q3_20", TRAINER_MODE="tip_colocate_async"))
+    assert sweep.returncode == 0 and "trainer.v1.trainer_mode=tip_colocate_async" in sweep.stdout, sweep.stderr
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"TRAINER_MODE": "colocate_async"}, "TRAINER_MODE='colocate_async' must be tip_sync, tip_colocate_async or"),
+    ({"TRAINER_MODE": "tip_separate_async", "TRAIN_BATCH_SIZE": "30"},
+     "TRAIN_BATCH_SIZE='30' must be a multiple of PARAMETER_SYNC_STEP=4"),
+    ({"TRAINER_MODE": "tip_separate_async", "CHECKPOINT_ENGINE": "naive"}, "CHECKPOINT_ENGINE=naive cannot send"),
+    ({"TRAINER_MODE": "tip_separate_async", "ROLLOUT_GPUS_PER_NODE": "0"}, "ROLLOUT_GPUS_PER_NODE='0' must be"),
+    ({"TRAINER_MODE": "tip_colocate_async", "MAX_OFF_POLICY_STRATEGY": "keep"}, "MAX_OFF_POLICY_STRATEGY='keep'"),
+])
+def test_async_settings_fail_early(setup_dirs, extra, needle):
+    res = _run(RUN, _env(setup_dirs, **extra))
+    assert res.returncode == 2 and needle in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("script", [COLOCATE_ASYNC, SEPARATE_ASYNC], ids=["colocate_async", "separate_async"])
+def test_every_async_override_exists_in_verl_config(setup_dirs, script):
+    """Each async script's command line composes with verl's own ppo_trainer config (no key added but +tip.*),
+    verl's validate_config accepts it, and so do TIP's start-up checks (the mode's needs included)."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import validate_config
+
+    from tip_verl.verl_adapter.dp_layout import parameter_sync_step
+    from tip_verl.verl_adapter.opd_config import TRAINER_MODES, check_trainer_mode, validate_verl_config
+    from tip_verl.verl_adapter.preflight import check_tip_job
+
+    res = _run(script, _env(setup_dirs, METHOD="soft_or20"))
+    assert res.returncode == 0, res.stderr
+    overrides = _overrides(res.stdout)[1]
+    assert not [o for o in overrides if o.startswith(("+", "~")) and not o.startswith("+tip.")]
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        full = compose("ppo_trainer", overrides=overrides)
+    mode = full.trainer.v1.trainer_mode
+    assert mode in TRAINER_MODES and mode != "tip_sync"
+    validate_config(full, use_reference_policy=True, use_critic=False)
+    run = check_tip_job(full)  # the driver's checks: flags, checkpoints, the mode's needs
+    assert (run.selection.method, run.selection.ratio) == ("soft_or", 0.2)
+    check_trainer_mode(full, mode)
+    assert validate_verl_config(full).teacher_source == "ref"
+    if mode == "tip_separate_async":
+        assert parameter_sync_step(full) == 4
+        assert full.data.train_batch_size == 4 * full.actor_rollout_ref.actor.ppo_mini_batch_size
+        assert full.actor_rollout_ref.rollout.checkpoint_engine.backend == "nccl"
+        assert full.trainer.v1.separate_async.hybrid_rollout.enable_switch is False  # verl's default kept
+    else:
+        assert full.trainer.v1.colocate_async.num_warmup_batches == 1
