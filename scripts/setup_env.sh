@@ -13,10 +13,10 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
 fi
 echo "[setup] creating $venv ..." >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-# torch first and pinned, so no resolver step can pull a multi-GB CUDA build. --no-compile: pip would
-# byte-compile all ~18,000 modules (24 s of the 67 s on 2 cores); Python compiles the few thousand a
-# run imports on first use and caches them.
-"$venv/bin/python" -m pip install -q --no-compile "torch==2.13.0"
-"$venv/bin/python" -m pip install -q --no-compile -e "$root[cpu,test]"
+# torch first and pinned, so no resolver step can pull a multi-GB CUDA build. (pip's byte-compiling is
+# kept: with --no-compile the install was 24 s shorter, but the first verl job then compiled the same
+# modules in each of its Ray worker processes at once, and its start-up took 75 s instead of about 25.)
+"$venv/bin/python" -m pip install -q "torch==2.13.0"
+"$venv/bin/python" -m pip install -q -e "$root[cpu,test]"
 echo "$want" > "$stamp"
 echo "[setup] done: $("$venv/bin/python" -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "verl", "transformers", "tip_verl")))')" >&2
