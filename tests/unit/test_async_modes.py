@@ -236,3 +236,42 @@ def test_ref_path_applies_verls_rollout_correction_before_selection():
     assert torch.equal(same, mask) and none is None
     assert rollout_correction_enabled(OmegaConf.create({"algorithm": {"rollout_correction": off}}))
     assert not rollout_correction_enabled(OmegaConf.create({"algorithm": {"rollout_correction": {"bypass_mode": True}}}))
+
+
+def test_separate_async_worker_keeps_pi_old_on_the_cpu_platform(tiny_assets):
+    """TIPDetachActorWorker in one process: the TIP actor engine (sparse lm_head) under verl's DetachActorWorker, whose
+    save_model_to_cpu / restore_model_from_cpu give every local update of a separate_async step the same pi_old.
+    On the CPU verl's .cpu() of a CPU shard is the shard itself; the TIP worker stores a copy, so the restore
+    really restores."""
+    from omegaconf import open_dict
+
+    from tip_verl.verl_adapter import local_workers
+    from tip_verl.verl_adapter.opd_config import WORKER_NODE, TIPWorkerConfig
+    from tip_verl.verl_adapter.teacher import TIPDetachActorWorker
+
+    local_workers.ensure_cpu_platform()
+    local_workers.ensure_world_of_one()
+    arr = local_workers.compose_config(str(tiny_assets.student)).actor_rollout_ref.copy()
+    with open_dict(arr):
+        arr[WORKER_NODE] = TIPWorkerConfig(teacher_path=str(tiny_assets.teacher)).to_node()
+    worker = TIPDetachActorWorker(config=arr, role="actor_rollout")
+    worker.init_model()
+    assert type(worker.actor.engine).__name__.startswith("TIPLMHead")  # the sparse lm_head engine
+    params = list(worker.actor.engine.module.parameters())
+
+    def values():
+        return [getattr(p, "_local_tensor", p).detach().clone() for p in params]
+
+    pi_old = values()
+    worker.save_model_to_cpu(0)
+    with torch.no_grad():
+        for p in params:
+            getattr(p, "_local_tensor", p).add_(0.5)  # an update
+    updated = values()
+    worker.save_model_to_cpu(1)
+    worker.restore_model_from_cpu(0)
+    assert all(torch.equal(a, b) for a, b in zip(values(), pi_old))
+    worker.restore_model_from_cpu(1)
+    assert all(torch.equal(a, b) for a, b in zip(values(), updated))
+    worker.clear_cpu_model(1)
+    assert list(worker.cpu_saved_models) == [0]
