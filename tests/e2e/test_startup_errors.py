@@ -126,6 +126,33 @@ def test_bad_tip_input_fails_before_ray(recipe, tmp_path):
             "not divide the 64 sequences each rank gets in the log-prob pass"),
     }
 
+    _check_bad_jobs(recipe, cases)
+
+
+def test_async_mode_misconfigurations_fail_before_ray(recipe):
+    """The asynchronous TIP modes: a plain verl mode with TIP flags, and what separate_async needs (issue 13)."""
+    separate = ["trainer.v1.trainer_mode=tip_separate_async", "actor_rollout_ref.rollout.nnodes=1",
+                "actor_rollout_ref.rollout.n_gpus_per_node=1"]
+    _check_bad_jobs(recipe, {
+        "plain colocate_async with TIP": (
+            ["trainer.v1.trainer_mode=colocate_async"],
+            "tip_verl: algorithm.adv_estimator=tip_opd is computed by the TIP trainer only, but "
+            "trainer.v1.trainer_mode=colocate_async: set trainer.v1.trainer_mode=tip_colocate_async."),
+        "separate_async without a rollout pool": (
+            ["trainer.v1.trainer_mode=tip_separate_async"],
+            "tip_verl: actor_rollout_ref.rollout.nnodes=0: trainer.v1.trainer_mode=tip_separate_async generates on a "
+            "separate resource pool"),
+        "separate_async with the in-process weight sync": (
+            separate,
+            "tip_verl: actor_rollout_ref.rollout.checkpoint_engine.backend=naive: trainer.v1.trainer_mode="
+            "tip_separate_async sends the weights to the separate rollout pool over a checkpoint engine"),
+    })
+
+
+def _check_bad_jobs(recipe, cases: dict) -> None:
+    """Run each bad job (the recipe's command line plus its overrides) and check its one ``tip_verl:`` line."""
+    argv, env = recipe
+
     def run(extra):
         script = ("import resource, subprocess, sys, time, json\n"
                   "t = time.time(); rc = subprocess.run(sys.argv[1:]).returncode\n"

@@ -22,12 +22,18 @@ from tests.e2e.test_cpu_trainer import run_example
 RANK_PROBE = Path(__file__).resolve().parent / "rank_probe"
 
 
-def two_ranks(tmp_path) -> tuple[dict[str, str], Path]:
-    """Environment of a two-rank run of the recipe (``N_WORKERS=2``) with the per-rank sparse lm_head probe."""
+def sparse_probe(tmp_path) -> tuple[dict[str, str], Path]:
+    """Environment of a run with the per-rank sparse lm_head probe (a record per kept-rows call), and its folder."""
     probe = tmp_path / "rank_probe"
     probe.mkdir()
     path = [str(RANK_PROBE), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {"N_WORKERS": "2", "TIP_VERL_E2E_PROBE_DIR": str(probe), "PYTHONPATH": os.pathsep.join(path)}, probe
+    return {"TIP_VERL_E2E_PROBE_DIR": str(probe), "PYTHONPATH": os.pathsep.join(path)}, probe
+
+
+def two_ranks(tmp_path) -> tuple[dict[str, str], Path]:
+    """Environment of a two-rank run of the recipe (``N_WORKERS=2``) with the per-rank sparse lm_head probe."""
+    env, probe = sparse_probe(tmp_path)
+    return {"N_WORKERS": "2", **env}, probe
 
 
 def sparse_calls_per_rank(probe: Path) -> dict[int, list[dict]]:

@@ -141,9 +141,13 @@ class GlooCheckpointEngine(CheckpointEngine):
     @torch.no_grad()
     async def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         assert self.rank is not None and self.rank > 0, "rank 0 sends the weights; it does not receive"
+        start, count, nbytes = time.time(), 0, 0
         while True:
             size = self._header(0)
             if size == _END:
+                # one line per sync and rollout worker (the CPU platform's only weight path to a separate pool)
+                logger.warning("tip_gloo: rollout rank %d received %d tensors (%.2f MiB) of step %s in %.2f s",
+                               self.rank, count, nbytes / 2**20, global_steps, time.time() - start)
                 return
             meta = self._broadcast(torch.empty(size, dtype=torch.uint8))
             name, dtype, shape = pickle.loads(meta.numpy().tobytes())
@@ -151,6 +155,7 @@ class GlooCheckpointEngine(CheckpointEngine):
             for dim in shape:
                 numel *= dim
             data = self._broadcast(torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8))
+            count, nbytes = count + 1, nbytes + data.numel()
             yield name, data.view(dtype).view(shape)
 
 

@@ -4,7 +4,8 @@ A job turns TIP on with three things on verl's own command line::
 
     trainer.v1.trainer_mode=tip_sync algorithm.adv_estimator=tip_opd +tip.teacher_path=/path/to/teacher
 
-(the teacher path takes whatever ``actor_rollout_ref.model.path`` takes: a local folder, a hub id such
+(or ``tip_colocate_async`` / ``tip_separate_async``: verl's asynchronous trainers with TIP, :data:`TRAINER_MODES`;
+the teacher path takes whatever ``actor_rollout_ref.model.path`` takes: a local folder, a hub id such
 as ``Qwen/Qwen3-8B``, ``hdfs://...``), plus any :class:`tip_verl.TIPConfig` field as ``+tip.<field>=...``
 (method, ratio, ...), the teacher signal (``+tip.teacher_signal=sampled|topk``, ``+tip.topk_k``) and
 the loss (``+tip.loss=pg|topk_reverse_kl``). With verl's own teacher server (``distillation.enabled=true``)
@@ -301,7 +302,8 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     Two teacher paths: the reference model as teacher (``+tip.teacher_path``, ``algorithm.adv_estimator=tip_opd``)
     or verl's own distillation teacher server (``distillation.enabled=true``, verl's distillation loss,
     any verl advantage estimator). Raises :class:`TIPConfigError` naming the flag for every setting that
-    contradicts OPD with TIP (KL-to-ref losses, entropy bonus, reward models, LoRA, ...).
+    contradicts OPD with TIP (KL-to-ref losses, entropy bonus, reward models, LoRA, ...) and for what the
+    trainer mode needs (:func:`check_trainer_mode`); a verl mode with TIP flags names its ``tip_`` mode.
     """
     mode = _get(config, "trainer.v1.trainer_mode")
     adv = _get(config, "algorithm.adv_estimator")
