@@ -411,21 +411,24 @@ def test_replay_buffer_poll_is_capped_not_raised():
 
 
 @pytest.mark.parametrize("first_import", ["tip_verl.verl_adapter.cpu.platform", "tip_verl.verl_adapter.cpu.patches",
-                                          "tip_verl.verl_adapter.sparse_lm_head"])
+                                          "tip_verl.verl_adapter.sparse_lm_head", "tip_verl.verl_adapter.trainer"])
 def test_any_import_order_registers_cleanly(first_import):
     """Importing a tip_verl module that imports verl first (verl then loads the plugin mid-way) still
-    registers the CPU backend and the tip_sync trainer, without a failure warning."""
+    registers the CPU backend and the three TIP trainer modes, without a failure warning (the trainer module
+    imports verl's V1 package itself, before its classes exist)."""
     code = textwrap.dedent(f"""
         import {first_import}
         import verl.trainer.ppo.v1.trainer_base as tb
         from tip_verl.verl_adapter.cpu import is_registered
-        print(is_registered(), tb.get_trainer_cls("tip_sync").__name__)
+        print(is_registered(), *(tb.get_trainer_cls(m).__name__
+                                 for m in ("tip_sync", "tip_colocate_async", "tip_separate_async")))
     """)
     proc = subprocess.run([sys.executable, "-c", code], env=_probe_env({"VERL_PLATFORM": "cpu"}),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "True TIPTrainerSync"
+    assert proc.stdout.strip().splitlines()[-1] == "True TIPTrainerSync TIPTrainerColocateAsync TIPTrainerSeparateAsync"
     assert "tip_verl: registering the CPU backend with verl failed" not in proc.stderr
+    assert "partially initialized" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "could not register trainer mode" not in proc.stderr
 
 

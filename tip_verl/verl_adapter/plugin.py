@@ -28,6 +28,7 @@ WARNING.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 from tip_verl.verl_adapter import cpu, preflight
@@ -36,6 +37,7 @@ from tip_verl.verl_adapter._import_hooks import when_imported
 ADV_ESTIMATOR_MODULE = "verl.trainer.ppo.core_algos"
 TRAINER_MODULE = "verl.trainer.ppo.v1"
 CHECKPOINT_ENGINE_MODULE = "verl.checkpoint_engine"
+TIP_TRAINER_MODULE = "tip_verl.verl_adapter.trainer"
 
 
 def _register_adv_estimator(core_algos: ModuleType) -> None:
@@ -46,10 +48,14 @@ def _register_adv_estimator(core_algos: ModuleType) -> None:
 
 
 def _register_trainer_mode(v1: ModuleType) -> None:
-    from tip_verl.verl_adapter.trainer import TIP_TRAINERS
+    trainer = sys.modules.get(TIP_TRAINER_MODULE)
+    if trainer is not None and not hasattr(trainer, "register_trainer_modes"):
+        # tip_verl's trainer module is being imported and is what imported verl's V1 package: its
+        # classes do not exist yet, and its last line registers them (tip_sync, tip_*_async).
+        return
+    from tip_verl.verl_adapter.trainer import register_trainer_modes
 
-    for mode, trainer in TIP_TRAINERS.items():  # tip_sync, tip_colocate_async, tip_separate_async
-        v1.register_trainer(mode)(trainer)  # idempotent for the same class
+    register_trainer_modes(v1)
 
 
 def _register_checkpoint_engine(_module: ModuleType) -> None:

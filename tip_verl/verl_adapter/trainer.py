@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from types import ModuleType
+from typing import Optional
 
 import ray
 import torch
@@ -390,3 +392,17 @@ class TIPTrainerSeparateAsync(TIPTrainerMixin, PPOTrainerSeparateAsync):
 #: ``trainer.v1.trainer_mode`` name -> TIP trainer class (the names are :data:`.opd_config.TRAINER_MODES`)
 TIP_TRAINERS = {"tip_sync": TIPTrainerSync, "tip_colocate_async": TIPTrainerColocateAsync,
                 "tip_separate_async": TIPTrainerSeparateAsync}
+
+
+def register_trainer_modes(v1: Optional[ModuleType] = None) -> None:
+    """Register :data:`TIP_TRAINERS` with verl's ``register_trainer`` (idempotent for the same classes)."""
+    if v1 is None:
+        from verl.trainer.ppo import v1
+    for mode, trainer in TIP_TRAINERS.items():
+        v1.register_trainer(mode)(trainer)
+
+
+# The plugin registers these when verl's V1 package is imported; when this module is what imported it, the
+# plugin's hook ran before the classes above existed and left the registration to this line.
+register_trainer_modes()
+
