@@ -409,8 +409,7 @@ def check_trainer_mode(config: Any, mode: str) -> None:
         raise TIPConfigError(
             f"{rollout}.checkpoint_engine.backend=naive: trainer.v1.trainer_mode={mode} sends the weights to the "
             "separate rollout pool over a checkpoint engine; naive works only in-process with a colocated rollout. "
-            "Use nccl (GPUs; nixl, mooncake, ... likewise), or tip_gloo on the CPU platform "
-            f"({rollout}.checkpoint_engine.custom_backend_module=tip_verl.verl_adapter.gloo_checkpoint_engine)."
+            "Use nccl (GPUs; nixl, mooncake, ... likewise), or tip_gloo on the CPU platform (tip_verl's gloo engine)."
         )
     steps = parameter_sync_step(config)
     train = _get(config, "data.train_batch_size")
