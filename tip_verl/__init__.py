@@ -3,8 +3,9 @@
 This package is the method in pure torch: signals (``signals``), the selection rules (``scoring``, one
 registry), top-ρ and sampling (``selection``), the quadrant taxonomy (``taxonomy``), ``TIPConfig``
 (``config``), one call per batch (``pipeline.select_for_batch``), the kept-row lm_head
-(``kept_logprobs``) and the one row-chunking rule they and the adapter share (``chunking``). Importing the package imports nothing (its names load on first use); the modules
-import torch and none of them imports verl.
+(``kept_logprobs``) and the one row-chunking rule they and the adapter share (``chunking``). Importing
+the package imports nothing (its names load on first use); the modules import torch and none of them
+imports verl.
 
 Subpackages: ``tip_verl.verl_adapter`` (the verl integration; imports verl), ``tip_verl.analysis``
 (token records and the report; needs pandas, pyarrow, matplotlib), ``tip_verl.assets`` (tiny built-in
