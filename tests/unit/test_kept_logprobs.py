@@ -23,6 +23,15 @@ def _reference(hidden, weight, bias, labels, temperature, with_entropy):
     return logp, ent
 
 
+def _assert_grads_close(got, ref, tol):
+    for g_got, g_ref in zip(got, ref):
+        assert g_got.shape == g_ref.shape and g_got.dtype == g_ref.dtype
+        scale = float(g_ref.abs().max())
+        assert scale > 0
+        # absolute tolerance relative to the gradient's scale (elements near zero after cancellation)
+        torch.testing.assert_close(g_got, g_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+
+
 def _leaves(K, seed, dtype=torch.float32, with_bias=True):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(K, H, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_(True)
@@ -95,12 +104,7 @@ def test_matches_full_logits_reference(name, dtype):
     else:
         assert got[2] is None
     assert len(got[3]) == len(ref[3]) == (3 if with_bias else 2)
-    for g_got, g_ref in zip(got[3], ref[3]):
-        assert g_got.shape == g_ref.shape and g_got.dtype == g_ref.dtype
-        scale = float(g_ref.abs().max())
-        assert scale > 0
-        # absolute tolerance relative to the gradient's scale (elements near zero after cancellation)
-        torch.testing.assert_close(g_got, g_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+    _assert_grads_close(got[3], ref[3], tol)
 
 
 def test_float64_gradcheck():
@@ -270,11 +274,7 @@ def test_several_ids_per_row_match_full_logits_reference(name, dtype):
     else:
         assert got[1] is None
     assert len(got[2]) == (3 if with_bias else 2)
-    for g_got, g_ref in zip(got[2], ref[2]):
-        assert g_got.shape == g_ref.shape and g_got.dtype == g_ref.dtype
-        scale = float(g_ref.abs().max())
-        assert scale > 0
-        torch.testing.assert_close(g_got, g_ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+    _assert_grads_close(got[2], ref[2], tol)
 
 
 def test_one_id_per_row_as_a_column_equals_the_one_dimensional_labels():
