@@ -35,7 +35,7 @@ TAG="run_tiny_$RECIPE"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   # A fresh machine: create the project's .venv first (no-op when it is up to date).
-  if [[ -z "${TIP_VERL_NO_SETUP:-}" ]]; then bash "$REPO/scripts/setup_env.sh"; fi
+  if [[ -z "${TIP_VERL_NO_SETUP:-}" ]]; then bash "$REPO/scripts/setup_env.sh" --with-assets; fi
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 RUN_DIR="${RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/tip_verl_tiny_$RECIPE.XXXXXX")}"
@@ -77,7 +77,7 @@ if [[ "$RECIPE" == opd ]]; then
   # On-policy distillation with TIP: the ref model is the teacher; keep 50% of tokens by Soft-OR. The loss
   # is the paper's (Eq. 7): the reverse KL over the whole vocabulary at kept tokens (the teacher's top-k
   # with k = |V|, exact on this tiny vocabulary). 32 prompts x 4 responses a step, two passes over each
-  # batch (ppo_epochs=2), 40 steps (so that command 1 of the README fits 10 minutes on a fresh 2-core
+  # batch (ppo_epochs=2), 30 steps (so that command 1 of the README fits 10 minutes on a fresh 2-core
   # machine; the toy study runs this recipe for 60: scripts/toy_study.py --steps); verl's validation
   # (4 samples per test prompt at temperature 1) before the first and after the last step.
   RECIPE_OVERRIDES=(
@@ -100,7 +100,7 @@ if [[ "$RECIPE" == opd ]]; then
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128
     actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=128
-    trainer.total_training_steps=40
+    trainer.total_training_steps=30
     trainer.val_before_train=True
     trainer.test_freq=1000000
     data.val_batch_size=128

@@ -79,7 +79,7 @@ def validation_accuracy(metrics: dict[str, float]) -> tuple[str, float] | None:
 
 
 def learning_line(steps: dict[int, dict[str, float]], *, tag: str) -> str | None:
-    """``accuracy 0.25 -> 0.41 (+0.17) in 40 steps, trained on 49% of response tokens, ...`` from a run
+    """``accuracy 0.25 -> 0.41 (+0.17) in 30 steps, trained on 49% of response tokens, ...`` from a run
     validated before the first and after the last step; None when either validation is missing."""
     trained = sorted(s for s in steps if s > 0)
     if 0 not in steps or not trained:
