@@ -3,7 +3,7 @@
 # end-to-end tests (verl's real trainer on the CPU). Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup_env.sh" --with-assets  # a fresh machine builds the tiny assets during the install
+bash "$root/scripts/setup_env.sh"
 cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m pytest -m "not slow" -q "$@"

@@ -35,7 +35,7 @@ TAG="run_tiny_$RECIPE"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   # A fresh machine: create the project's .venv first (no-op when it is up to date).
-  if [[ -z "${TIP_VERL_NO_SETUP:-}" ]]; then bash "$REPO/scripts/setup_env.sh" --with-assets; fi
+  if [[ -z "${TIP_VERL_NO_SETUP:-}" ]]; then bash "$REPO/scripts/setup_env.sh"; fi
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 RUN_DIR="${RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/tip_verl_tiny_$RECIPE.XXXXXX")}"
