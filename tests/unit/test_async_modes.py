@@ -238,12 +238,15 @@ def test_ref_path_applies_verls_rollout_correction_before_selection():
     assert not rollout_correction_enabled(OmegaConf.create({"algorithm": {"rollout_correction": {"bypass_mode": True}}}))
 
 
-def test_separate_async_worker_keeps_pi_old_on_the_cpu_platform(tiny_assets):
-    """TIPDetachActorWorker in one process: the TIP actor engine (sparse lm_head) under verl's DetachActorWorker, whose
+@pytest.mark.parametrize("tip", [True, False], ids=["TIPDetachActorWorker", "verl_DetachActorWorker"])
+def test_separate_async_worker_keeps_pi_old_on_the_cpu_platform(tiny_assets, tip):
+    """verl's DetachActorWorker in one process, with TIP (the TIP actor engine, sparse lm_head) and without:
     save_model_to_cpu / restore_model_from_cpu give every local update of a separate_async step the same pi_old.
-    On the CPU verl's .cpu() of a CPU shard is the shard itself; the TIP worker stores a copy, so the restore
-    really restores."""
+    On the CPU verl's .cpu() of a CPU shard is the shard itself; the CPU platform's patch stores a copy, so the
+    restore really restores, for verl's own worker as for TIP's."""
     from omegaconf import open_dict
+    from verl.experimental.separation.engine_workers import DetachActorWorker
+    from verl.single_controller.base.decorator import MAGIC_ATTR
 
     from tip_verl.verl_adapter import local_workers
     from tip_verl.verl_adapter.opd_config import WORKER_NODE, TIPWorkerConfig
@@ -251,12 +254,15 @@ def test_separate_async_worker_keeps_pi_old_on_the_cpu_platform(tiny_assets):
 
     local_workers.ensure_cpu_platform()
     local_workers.ensure_world_of_one()
+    assert hasattr(DetachActorWorker.save_model_to_cpu, "__tip_verl_patch__")
+    assert hasattr(DetachActorWorker.save_model_to_cpu, MAGIC_ATTR)  # still dispatched by verl's worker group
     arr = local_workers.compose_config(str(tiny_assets.student)).actor_rollout_ref.copy()
-    with open_dict(arr):
-        arr[WORKER_NODE] = TIPWorkerConfig(teacher_path=str(tiny_assets.teacher)).to_node()
-    worker = TIPDetachActorWorker(config=arr, role="actor_rollout")
+    if tip:
+        with open_dict(arr):
+            arr[WORKER_NODE] = TIPWorkerConfig(teacher_path=str(tiny_assets.teacher)).to_node()
+    worker = (TIPDetachActorWorker if tip else DetachActorWorker)(config=arr, role="actor_rollout")
     worker.init_model()
-    assert type(worker.actor.engine).__name__.startswith("TIPLMHead")  # the sparse lm_head engine
+    assert type(worker.actor.engine).__name__.startswith("TIPLMHead") == tip  # the sparse lm_head engine
     params = list(worker.actor.engine.module.parameters())
 
     def values():

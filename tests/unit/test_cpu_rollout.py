@@ -322,6 +322,7 @@ _PROBE = textwrap.dedent(
     import verl.workers.config.distillation as dc
     import verl.workers.engine.fsdp.transformer_impl as ti
     import verl.trainer.ppo.v1.replay_buffer as rbuf
+    import verl.experimental.separation.engine_workers as sep
     from torch.distributed.fsdp import CPUOffloadPolicy
     from verl.plugin.platform import PlatformRegistry
     from verl.workers.engine import EngineRegistry
@@ -336,6 +337,7 @@ _PROBE = textwrap.dedent(
             ("teacher_topk_for_hf_rollout", dc.DistillationTeacherModelConfig._validate_topk_logprobs),
             ("fsdp2_offload_without_pinning", ti.CPUOffloadPolicy),
             ("replay_buffer_short_poll", rbuf.ReplayBuffer.__init__),
+            ("separate_async_pi_old_copy", sep.DetachActorWorker.save_model_to_cpu),
         ] if hasattr(f, "__tip_verl_patch__")),
         "offload_policy_is_torch": ti.CPUOffloadPolicy is CPUOffloadPolicy,
         "cpu_platform": "cpu" in PlatformRegistry.registered_names(),
@@ -387,7 +389,8 @@ def test_with_cpu_platform_everything_is_registered(probes):
     assert probes["cpu"] == {
         "pin_memory_untouched": True,  # never patched globally, not even on the CPU platform
         "patched": sorted(["gloo_process_group", "resource_check_platform_aware", "teacher_topk_for_hf_rollout",
-                           "fsdp2_offload_without_pinning", "replay_buffer_short_poll"]),
+                           "fsdp2_offload_without_pinning", "replay_buffer_short_poll",
+                           "separate_async_pi_old_copy"]),
         "offload_policy_is_torch": False,
         "cpu_platform": True,
         "cpu_engine": True,

@@ -19,11 +19,9 @@ import logging
 import os
 from typing import Any, Callable
 
-import torch
 from omegaconf import open_dict
 
 from verl.experimental.separation.engine_workers import DetachActorWorker
-from verl.single_controller.base.decorator import Dispatch, register
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
@@ -216,34 +214,9 @@ class TIPDetachActorWorker(TIPActorRolloutRefWorker, DetachActorWorker):
     worker classes; ``save_model_to_cpu`` / ``restore_model_from_cpu`` act on ``self.actor.engine.module``, which
     is the TIP actor engine's module (the sparse lm_head changes its forward, not its parameters).
 
-    One fix for parameters that already live on the CPU (tip_verl's CPU platform): verl's save helpers move each
-    shard with ``.detach().cpu()``, which then returns the parameter's own storage, so the saved pi_old would
-    change with every update and ``restore_model_from_cpu`` would restore nothing. :meth:`save_model_to_cpu`
-    copies what still shares storage with a live parameter (on a GPU verl's copy is already a copy: nothing changes).
+    On tip_verl's CPU platform verl's ``save_model_to_cpu`` is patched to store a copy of the CPU shards
+    (``separate_async_pi_old_copy`` in :mod:`tip_verl.verl_adapter.cpu.patches`), for this class and verl's own.
     """
-
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def save_model_to_cpu(self, n):
-        super().save_model_to_cpu(n)
-        live = {p.untyped_storage().data_ptr() for p in _local_tensors(self.actor.engine.module.parameters())}
-        self.cpu_saved_models[n] = _copy_aliased(self.cpu_saved_models[n], live)
-
-
-def _local_tensors(params):
-    for p in params:
-        yield getattr(p, "_local_tensor", p)  # an FSDP2 DTensor's shard, else the tensor itself
-
-
-def _copy_aliased(saved, live: set):
-    """``saved`` (verl's saved-model structure: tensors in tuples, lists and dicts) with every tensor that shares
-    storage with a live parameter replaced by a copy."""
-    if isinstance(saved, torch.Tensor):
-        return saved.clone() if saved.untyped_storage().data_ptr() in live else saved
-    if isinstance(saved, dict):
-        return {key: _copy_aliased(value, live) for key, value in saved.items()}
-    if isinstance(saved, (tuple, list)):
-        return type(saved)(_copy_aliased(value, live) for value in saved)
-    return saved
 
 
 #: verl's worker class for a role -> the TIP worker that composes with it (verl 0.9.1: ``sync`` and

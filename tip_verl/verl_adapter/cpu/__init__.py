@@ -13,7 +13,7 @@ What :func:`register` does when the CPU platform is selected, all through verl's
 3. ``RolloutReplicaRegistry.register("hf", ...)`` and the rollout-adapter table -> the Hugging Face
    ``generate`` rollout server (:mod:`.hf_rollout`), ``actor_rollout_ref.rollout.name=hf``, when verl
    imports its rollout modules.
-4. Five small named patches (:mod:`.patches`), each documented with the verl line it works around,
+4. Six small named patches (:mod:`.patches`), each documented with the verl line it works around,
    each applied when verl imports the module it patches.
 
 Steps 2-4 wait for their verl module (:func:`~tip_verl.verl_adapter._import_hooks.when_imported`), so

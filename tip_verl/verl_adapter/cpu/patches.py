@@ -36,6 +36,13 @@ patch                              why
                                    4.0 s in every step of the tiny job). The constructor is wrapped
                                    to cap it at :data:`CPU_POLL_INTERVAL_S`; samples, their order
                                    and every metric but the timings are unchanged.
+``separate_async_pi_old_copy``     ``experimental/separation/engine_workers.py:123-137``
+                                   (``DetachActorWorker.save_model_to_cpu``) keeps pi_old for the
+                                   local updates of a ``separate_async`` step with the FSDP helpers'
+                                   ``.detach().cpu()``; for a shard that already lives on the CPU
+                                   that is the live parameter itself, so the saved pi_old moves with
+                                   every update and the restore restores nothing. The method is
+                                   wrapped to copy what still shares storage with a parameter.
 ================================  ==============================================================
 """
 
@@ -170,6 +177,38 @@ def _short_poll_interval(original):
     return __init__
 
 
+# --------------------------------------------------------------------------------------------
+# 6. separate_async: the saved pi_old is a copy of the CPU parameters, not the parameters
+# --------------------------------------------------------------------------------------------
+def _local_tensors(params):
+    for p in params:
+        yield getattr(p, "_local_tensor", p)  # an FSDP2 DTensor's shard, else the tensor itself
+
+
+def _copy_aliased(saved, live: set):
+    """``saved`` (verl's saved-model structure: tensors in tuples, lists and dicts) with every tensor that shares
+    storage with a live parameter replaced by a copy."""
+    import torch
+
+    if isinstance(saved, torch.Tensor):
+        return saved.clone() if saved.untyped_storage().data_ptr() in live else saved
+    if isinstance(saved, dict):
+        return {key: _copy_aliased(value, live) for key, value in saved.items()}
+    if isinstance(saved, (tuple, list)):
+        return type(saved)(_copy_aliased(value, live) for value in saved)
+    return saved
+
+
+def _save_model_to_cpu_copies(original):
+    @functools.wraps(original)  # keeps verl's @register dispatch attributes
+    def save_model_to_cpu(self, n):
+        original(self, n)
+        live = {p.untyped_storage().data_ptr() for p in _local_tensors(self.actor.engine.module.parameters())}
+        self.cpu_saved_models[n] = _copy_aliased(self.cpu_saved_models[n], live)
+
+    return save_model_to_cpu
+
+
 PATCHES: list[Patch] = [
     Patch(
         name="gloo_process_group",
@@ -211,6 +250,14 @@ PATCHES: list[Patch] = [
         verl_ref="verl/trainer/ppo/v1/replay_buffer.py:144,409",
         reason="the replay buffer polls for finished rollouts every 2 s; a tiny CPU rollout takes well under that",
         factory=_short_poll_interval,
+    ),
+    Patch(
+        name="separate_async_pi_old_copy",
+        module="verl.experimental.separation.engine_workers",
+        attr="DetachActorWorker.save_model_to_cpu",
+        verl_ref="verl/experimental/separation/engine_workers.py:123-137",
+        reason="the saved pi_old of a CPU shard is the live parameter (.cpu() is a no-op), so restore restores nothing",
+        factory=_save_model_to_cpu_copies,
     ),
 ]
 
