@@ -101,3 +101,25 @@ def test_separate_async_ref_teacher_over_gloo(tiny_assets, tmp_path):
     assert steps[1]["actor/pg_clipfrac"] == 0 and steps[1]["actor/pg_loss"] == pytest.approx(
         steps[1]["tip/kept_reverse_kl_mean"], rel=1e-4, abs=1e-6)
     assert steps[2]["tip/staleness_worst_max"] >= 1
+
+
+@pytest.mark.slow
+def test_colocate_async_teacher_server(tiny_assets, tmp_path):
+    """The other teacher path: verl's distillation teacher server (the hf server on the CPU) in tip_colocate_async,
+    TIP masking verl's k1 policy-gradient distillation loss (run_tiny_opd_server.sh: 4 prompts x 2, one update)."""
+    env, probe = sparse_probe(tmp_path)
+    out, steps, wall = run_example("run_tiny_opd_server.sh",
+                                   ["trainer.v1.trainer_mode=tip_colocate_async", "trainer.total_training_steps=2"],
+                                   tiny_assets, tmp_path, env_extra=env)
+    print(f"\n[tip_colocate_async, teacher server] wall {wall:.0f} s (load {os.getloadavg()[0]:.1f})")
+    assert set(steps) == {1, 2}, out[-4000:]
+    assert "teacher=verl distillation teacher server" in out
+    calls = sparse_calls_per_rank(probe)[0]
+    assert len(calls) == 4  # one update a step, two micro-batches of 4 sequences
+    for step, m in steps.items():
+        _check_tip_step(step, m)
+        pair = calls[2 * (step - 1): 2 * step]
+        assert [c["sequences"] for c in pair] == [4, 4] and sum(c["kept_rows"] for c in pair) == m["tip/kept_count"]
+        assert m["actor/distillation/loss"] == m["actor/distillation/loss"]  # finite (verl's k1 on kept tokens)
+    assert steps[1]["tip/staleness_worst_max"] == 0
+    assert steps[2]["tip/staleness_worst_max"] >= 1 and steps[2]["tip/stale_kept_share"] > 0
