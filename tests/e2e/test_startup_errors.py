@@ -146,6 +146,10 @@ def test_async_mode_misconfigurations_fail_before_ray(recipe):
             separate,
             "tip_verl: actor_rollout_ref.rollout.checkpoint_engine.backend=naive: trainer.v1.trainer_mode="
             "tip_separate_async sends the weights to the separate rollout pool over a checkpoint engine"),
+        "separate_async with LoRA adapters that would never reach the rollout": (
+            [*separate, "actor_rollout_ref.rollout.checkpoint_engine.backend=tip_gloo", "actor_rollout_ref.model.lora_rank=8"],
+            "tip_verl: actor_rollout_ref.model.lora_rank>0 with trainer.v1.trainer_mode=tip_separate_async: verl's "
+            "checkpoint-engine weight sync to the separate rollout pool sends the base weights without the LoRA adapters"),
     })
 
 

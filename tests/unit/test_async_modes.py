@@ -111,6 +111,21 @@ def test_verl_sees_its_own_mode_and_settings(recipe_overrides):
     assert workers == {"Actor": TIPDetachActorWorker, "RefPolicy": TIPDetachActorWorker}
 
 
+def test_lora_student_gets_the_teacher_as_a_separate_ref_in_every_mode(recipe_overrides):
+    """verl gives a LoRA job no ref worker (its ref is the actor with the adapters off: ``ref_in_actor``); TIP builds
+    the ref from the teacher all the same, and answers ``ref_in_actor`` False, so verl calls that ref."""
+    from tip_verl.verl_adapter.teacher import TIPActorRolloutRefWorker, TIPDetachActorWorker
+
+    lora = [*recipe_overrides, "actor_rollout_ref.model.lora_rank=8"]
+    for extra, worker in [([], TIPActorRolloutRefWorker),
+                          (["trainer.v1.trainer_mode=tip_colocate_async"], TIPActorRolloutRefWorker),
+                          ([*SEPARATE, "actor_rollout_ref.model.lora.merge=True"], TIPDetachActorWorker)]:
+        trainer, workers = _trainer([*lora, *extra])
+        assert workers == {"ActorRolloutRef": worker}, extra
+        trainer.ref_in_actor = True  # what verl's _setup decides from the LoRA flags
+        assert trainer.ref_in_actor is False
+
+
 def test_teacher_server_path_keeps_verls_teacher_pool_in_async_modes(recipe_overrides, tiny_assets):
     from tip_verl.verl_adapter.teacher import TIPDetachActorWorker
 
@@ -170,10 +185,17 @@ def test_start_up_checks_of_the_async_modes_name_the_flag(tmp_path):
          "actor_rollout_ref.actor.ppo_mini_batch_size=4"),
         ({"trainer.v1.trainer_mode": "tip_colocate_async", "algorithm.rollout_correction.bypass_mode": True},
          "algorithm.rollout_correction.bypass_mode=True skips verl's old-log-prob pass"),
+        ({"actor_rollout_ref.model.lora_rank": 8},
+         "actor_rollout_ref.model.lora_rank>0 with trainer.v1.trainer_mode=tip_separate_async: verl's "
+         "checkpoint-engine weight sync to the separate rollout pool sends the base weights without the LoRA adapters"),
     ]:
         with pytest.raises(TIPConfigError) as info:
             validate_verl_config(_job(tmp_path, **over))
         assert message in str(info.value), (over, str(info.value))
+    # LoRA students: the teacher is the ref in every mode; separate_async with merged weights only
+    for mode in ("tip_sync", "tip_colocate_async"):
+        validate_verl_config(_job(tmp_path, **{"trainer.v1.trainer_mode": mode, "actor_rollout_ref.model.lora_rank": 8}))
+    validate_verl_config(_job(tmp_path, **{"actor_rollout_ref.model.lora_rank": 8, "actor_rollout_ref.model.lora.merge": True}))
     # verl's default parameter_sync_step (4) when the job does not set it
     cfg = _job(tmp_path)
     del cfg.trainer.v1.separate_async["parameter_sync_step"]

@@ -279,6 +279,46 @@ def test_weight_update_changes_the_output_distribution(loop, student, prompt_ids
         loop.run_until_complete(srv.update_weights({"not.a.weight": torch.zeros(1)}))
 
 
+def test_lora_student_weight_sync_runs_the_adapted_model(loop, student, prompt_ids):
+    """What verl sends the rollout of a LoRA student (``engine_workers.py`` ``update_weights``): the base weights
+    once, under PEFT's names (``base_sync_done=False``), then the adapters after every update; the server then
+    computes what the actor's PEFT model computes (unmerged adapters), and follows each adapter update."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from tip_verl.verl_adapter.cpu.hf_server import HFRolloutServer
+
+    srv = HFRolloutServer(_rollout_config(), student)
+    actor = get_peft_model(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval(),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_config = actor.peft_config["default"].to_dict()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        actor.get_base_model().lm_head.weight.mul_(1.5)  # a base weight the server must take too
+    base = {k: v for k, v in actor.get_base_model().state_dict().items() if "lora_" not in k}
+    assert any(".base_layer." in k for k in base)
+    info = loop.run_until_complete(srv.update_weights(base, peft_config=peft_config, base_sync_done=False))
+    assert info["loaded"] == len(base)
+    ids = torch.tensor([prompt_ids[0]])
+    for _ in range(2):  # two updates of the adapters
+        with torch.no_grad():
+            for name, param in actor.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
+        adapters = get_peft_model_state_dict(actor)
+        info = loop.run_until_complete(srv.update_weights(adapters, peft_config=peft_config, global_steps=1))
+        assert info == {"loaded": len(adapters), "adapters": True}
+        with torch.no_grad():
+            torch.testing.assert_close(srv.generator.model(ids).logits, actor(ids).logits, rtol=1e-5, atol=1e-5)
+            with actor.disable_adapter():  # the adapters matter: without them the logits differ
+                assert not torch.allclose(srv.generator.model(ids).logits, actor(ids).logits, atol=1e-3)
+        out = gen(loop, srv, prompt_ids[0], "lora", temperature=0, max_tokens=4, logprobs=True)
+        assert out.token_ids == hf_greedy(actor, prompt_ids[0], len(out.token_ids), ())[: len(out.token_ids)]
+    with pytest.raises(ValueError, match="adapter weights the model does not have"):
+        loop.run_until_complete(srv.update_weights({"base_model.model.not_a_layer.lora_A.weight": torch.zeros(1)},
+                                                   peft_config=peft_config))
+
+
 def test_abort_and_resume(loop, server, prompt_ids):
     res = loop.run_until_complete(server.abort_all_requests(reject_request=True))
     assert res["aborted_count"] == 0

@@ -58,6 +58,18 @@ def test_not_modelled_layouts_are_left_alone():
     assert layout({}) is None
 
 
+def test_the_ref_of_a_lora_job_runs_in_the_actor_unless_it_is_the_tip_teacher():
+    lora = [*OPD, "actor_rollout_ref.model.lora_rank=8"]
+    assert dp_layout.uses_lora(_config(lora)) and dp_layout.ref_in_actor(_config(lora))
+    assert REF_MICRO not in {s.flag for s in layout(_config(lora)).shares}  # verl: the actor's log-prob pass
+    for other in ("actor_rollout_ref.model.lora.rank=8", "actor_rollout_ref.model.lora_adapter_path=/adapter"):
+        assert dp_layout.ref_in_actor(_config([*OPD, other]))
+    teacher = [*lora, "+tip.teacher_path=/teacher"]  # TIP: the ref is the teacher, a pass of its own
+    assert not dp_layout.ref_in_actor(_config(teacher))
+    assert REF_MICRO in {s.flag for s in layout(_config(teacher)).shares}
+    assert not dp_layout.uses_lora(_config([*OPD, "actor_rollout_ref.model.lora_rank=0"]))
+
+
 def test_derived_micro_batch_sizes():
     # one rank: the recipes' own sizes are kept (the single-rank jobs do not change)
     assert derived_micro_batch_sizes([*BASE, "trainer.n_gpus_per_node=1"]) == {LOG_PROB_MICRO: 8, REF_MICRO: 8,

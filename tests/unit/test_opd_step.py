@@ -132,7 +132,6 @@ def test_verl_config_contradictions_fail_naming_the_flag(tmp_path):
         ("actor_rollout_ref.actor.entropy_coeff", 0.01),
         ("algorithm.adv_estimator", "grpo"),
         ("trainer.v1.trainer_mode", "sync"),
-        ("actor_rollout_ref.model.lora_rank", 8),
     ]:
         with pytest.raises(TIPConfigError, match=flag.split(".")[-1]):
             validate_verl_config(_verl_cfg(tmp_path, **{flag: value}))

@@ -47,6 +47,9 @@ ENGINES = {
     "rmpad_pad_to_length": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False,
                             "overrides": ["actor_rollout_ref.actor.pad_to_length=True",
                                           "actor_rollout_ref.actor.fsdp_config.pad_to_length_bucket=16"]},
+    # a LoRA student (verl's PEFT model: the lm_head under PeftModel -> base_model.model; only adapters train)
+    "rmpad_lora": {"use_remove_padding": True, "use_fused_kernels": False, "tied": False,
+                   "overrides": ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16"]},
     "fused_rmpad": {"use_remove_padding": True, "use_fused_kernels": True, "tied": True},
     "fused_padded": {"use_remove_padding": False, "use_fused_kernels": True, "tied": True},
 }
@@ -136,7 +139,7 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
     def grads_of(engine):
         return {
             n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-            for n, p in engine.module.named_parameters()
+            for n, p in engine.module.named_parameters() if p.grad is not None  # LoRA: frozen base weights
         }
 
     def run_update(worker, td, *, dynamic: bool, rmpad: bool, fused: bool):
@@ -173,8 +176,10 @@ def _child_main(out_dir: str) -> None:  # pragma: no cover - runs in the child p
         overrides += opts.get("overrides", [])
         cfg = tm.actor_config(model_paths[opts["tied"]], overrides)
         plain = ActorRolloutRefWorker(config=cfg.copy(), role="actor")
+        torch.manual_seed(0)  # the same random LoRA A matrices in both
         plain.init_model()
         sparse = TIPActorRolloutRefWorker(config=tm.tip_worker_config(cfg), role="actor")
+        torch.manual_seed(0)
         sparse.init_model()
         plain_cls, sparse_cls = type(plain.actor.engine), type(sparse.actor.engine)
         results["meta"][engine_name] = {
@@ -284,7 +289,9 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_grads_match_full_logits(results, case):
-    assert_same_update(results["cases"][case], case)
+    lora = case.startswith("rmpad_lora/")  # only the adapters have gradients; B (zero at the start) gets one
+    assert_same_update(results["cases"][case], case, nonzero=("lora_B",) if lora else ("lm_head", "embed_tokens"))
+    assert lora == all("lora_" in name for name in results["cases"][case]["grads_full"])
 
 
 @pytest.mark.parametrize("case", CASES)

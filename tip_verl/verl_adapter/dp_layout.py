@@ -24,7 +24,8 @@ but not these shares.
 
 Jobs this does not model are left alone (no problem reported): dynamic batch sizes (``use_dynamic_bsz``),
 strategies other than FSDP / FSDP2 (Megatron, VeOmni, TorchTitan split by their own model-parallel sizes),
-the deprecated global ``*_micro_batch_size`` flags, and the ref of LoRA jobs (it runs inside the actor).
+the deprecated global ``*_micro_batch_size`` flags, and the ref of verl's LoRA jobs (it runs inside the actor,
+:func:`ref_in_actor`; a TIP job's ref is the teacher, a worker of its own, and is checked).
 
 Command line (run as a file, so that only the standard library loads: no torch, ~30 ms)::
 
@@ -91,6 +92,20 @@ def parameter_sync_step(config: Any) -> int:
         return 1
     value = _int(config_value(config, SYNC_STEP, SEPARATE_ASYNC_SYNC_STEP))
     return value if value is not None and value > 0 else SEPARATE_ASYNC_SYNC_STEP
+
+
+def uses_lora(config: Any) -> bool:
+    """A LoRA student, as verl 0.9.1's trainer decides it (``trainer/ppo/v1/trainer_base.py``): ``model.lora.rank``
+    or ``model.lora_rank`` > 0, or a pre-trained adapter (``model.lora_adapter_path``)."""
+    model = f"{ARR}.model"
+    rank = _int(config_value(config, f"{model}.lora.rank", 0)) or _int(config_value(config, f"{model}.lora_rank", 0))
+    return (rank or 0) > 0 or config_value(config, f"{model}.lora_adapter_path") is not None
+
+
+def ref_in_actor(config: Any) -> bool:
+    """Whether the ref pass runs inside the actor: verl's LoRA jobs use the actor with its adapters off as the ref;
+    a TIP job with ``+tip.teacher_path`` builds its ref from the teacher instead (``TIPTrainerMixin.ref_in_actor``)."""
+    return uses_lora(config) and not config_value(config, "tip.teacher_path")
 
 
 def _int(value: Any) -> Optional[int]:
@@ -172,9 +187,8 @@ def layout(config: Any, *, use_reference_policy: bool = True) -> Optional[Layout
 
     shares.append(Share("log-prob pass", LOG_PROB_MICRO, padded // dp, _int(config_value(config, LOG_PROB_MICRO)),
                         f"{batch_text} over {dp} rank(s) ({ranks_text})"))
-    lora = (_int(config_value(config, f"{ARR}.model.lora_rank", 0)) or 0) > 0 or config_value(config, f"{ARR}.model.lora_adapter_path")
     ref_dynamic = bool(config_value(config, f"{ARR}.ref.log_prob_use_dynamic_bsz", False))
-    if use_reference_policy and not lora and not ref_dynamic:
+    if use_reference_policy and not ref_in_actor(config) and not ref_dynamic:
         ref_sp = _int(config_value(config, f"{ARR}.ref.ulysses_sequence_parallel_size", sp)) or sp
         if ranks % ref_sp == 0:
             ref_dp = ranks // ref_sp

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from tip_verl.config import TIPConfig
 from tip_verl.verl_adapter.dp_layout import config_value as _get  # (standard library only)
-from tip_verl.verl_adapter.dp_layout import parameter_sync_step
+from tip_verl.verl_adapter.dp_layout import parameter_sync_step, uses_lora
 
 TRAINER_MODE = "tip_sync"
 #: Each TIP trainer mode and the verl V1 trainer mode it adds TIP to (``trainer.v1.trainer_mode``; the TIP
@@ -302,8 +302,9 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
     Two teacher paths: the reference model as teacher (``+tip.teacher_path``, ``algorithm.adv_estimator=tip_opd``)
     or verl's own distillation teacher server (``distillation.enabled=true``, verl's distillation loss,
     any verl advantage estimator). Raises :class:`TIPConfigError` naming the flag for every setting that
-    contradicts OPD with TIP (KL-to-ref losses, entropy bonus, reward models, LoRA, ...) and for what the
-    trainer mode needs (:func:`check_trainer_mode`); a verl mode with TIP flags names its ``tip_`` mode.
+    contradicts OPD with TIP (KL-to-ref losses, entropy bonus, reward models, ...) and for what the trainer mode
+    needs (:func:`check_trainer_mode`); a verl mode with TIP flags names its ``tip_`` mode. A LoRA student is fine:
+    the ref is still the teacher (``TIPTrainerMixin.ref_in_actor``).
     """
     mode = _get(config, "trainer.v1.trainer_mode")
     adv = _get(config, "algorithm.adv_estimator")
@@ -348,12 +349,6 @@ def validate_verl_config(config: Any) -> TIPRunConfig:
             f"actor_rollout_ref.actor.entropy_coeff={entropy_coeff}: OPD trains on the teacher's signal only; "
             "set actor_rollout_ref.actor.entropy_coeff=0 (an entropy bonus would also act on dropped tokens' mask)."
         )
-    lora = _get(config, "actor_rollout_ref.model.lora_rank", 0) or _get(config, "actor_rollout_ref.model.lora.rank", 0)
-    if lora and int(lora) > 0:
-        raise TIPConfigError(
-            "actor_rollout_ref.model.lora_rank>0: with LoRA verl uses the adapter-free actor as the reference, "
-            "so the ref cannot be a separate teacher. Disable LoRA for OPD with TIP."
-        )
     run = TIPRunConfig.from_mapping(_get(config, "tip"), teacher_server=server)
     default_local_dir = _get(config, "trainer.default_local_dir")
     if run.records_every > 0 and (run.records_dir or default_local_dir):
@@ -393,6 +388,8 @@ def check_trainer_mode(config: Any, mode: str) -> None:
     (``actor_rollout_ref.rollout.nnodes`` x ``n_gpus_per_node`` devices) and receives the weights over a checkpoint
     engine (``actor_rollout_ref.rollout.checkpoint_engine.backend``; ``naive`` only works in-process, with the
     rollout colocated); one global step is ``parameter_sync_step`` updates of ``ppo_mini_batch_size`` prompts each.
+    A LoRA student needs ``model.lora.merge=True`` there: verl's checkpoint-engine sync sends the base weights and
+    no adapters otherwise.
     """
     if TRAINER_MODES.get(mode) != "separate_async":
         return
@@ -410,6 +407,13 @@ def check_trainer_mode(config: Any, mode: str) -> None:
             f"{rollout}.checkpoint_engine.backend=naive: trainer.v1.trainer_mode={mode} sends the weights to the "
             "separate rollout pool over a checkpoint engine; naive works only in-process with a colocated rollout. "
             "Use nccl (GPUs; nixl, mooncake, ... likewise), or tip_gloo on the CPU platform (tip_verl's gloo engine)."
+        )
+    if uses_lora(config) and not bool(_get(config, "actor_rollout_ref.model.lora.merge", False)):
+        raise TIPConfigError(
+            f"actor_rollout_ref.model.lora_rank>0 with trainer.v1.trainer_mode={mode}: verl's checkpoint-engine weight "
+            "sync to the separate rollout pool sends the base weights without the LoRA adapters, so the rollout would "
+            "never generate with the trained student; set actor_rollout_ref.model.lora.merge=True (verl then sends "
+            "the merged weights) or use tip_sync / tip_colocate_async."
         )
     steps = parameter_sync_step(config)
     train = _get(config, "data.train_batch_size")

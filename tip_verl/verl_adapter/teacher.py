@@ -7,7 +7,8 @@ the class that builds the ref (``ActorRolloutRefWorker.ref_worker_cls``) for one
 teacher checkpoint with the actor's model settings (remove-padding, attention implementation,
 override_config ...) and verl's own ref engine settings (param offload, micro-batching) unchanged.
 The teacher path (``+tip.teacher_path``) is resolved by verl's own ``HFModelConfig``, as the actor's
-path is: local folder, hub id, ``hdfs://``, ``use_shm`` (:func:`resolve_model_config`).
+path is: local folder, hub id, ``hdfs://``, ``use_shm`` (:func:`resolve_model_config`). With a LoRA student the
+actor is verl's PEFT model and the teacher loads without adapters (:func:`teacher_model_config`).
 """
 
 from __future__ import annotations
@@ -129,12 +130,15 @@ def teacher_model_config(actor_model_node: Any, teacher_path: str):
     node = copy.deepcopy(actor_model_node)
     with open_dict(node):
         node.path = teacher_path
-        # The teacher has its own config and tokenizer files; LoRA and MTP never apply to it.
-        for key in ("hf_config_path", "tokenizer_path", "local_path", "local_hf_config_path", "local_tokenizer_path"):
+        # The teacher has its own config and tokenizer files; LoRA (the student's adapters) and MTP never apply to it.
+        for key in ("hf_config_path", "tokenizer_path", "local_path", "local_hf_config_path", "local_tokenizer_path",
+                    "lora_adapter_path"):
             if key in node:
                 node[key] = None
         if "lora_rank" in node:
             node.lora_rank = 0
+        if "lora" in node:
+            node.lora = {}
     model_config = omega_conf_to_dataclass(node)
     if hasattr(model_config, "mtp"):
         from verl.workers.config import MtpConfig

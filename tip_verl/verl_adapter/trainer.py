@@ -4,7 +4,8 @@ Each is one of verl's V1 trainers (``PPOTrainerSync``, ``PPOTrainerColocateAsync
 with :class:`TIPTrainerMixin` first in its MRO, which changes three things:
 
 1. the reference model is always built and is the teacher (:class:`TIPActorRolloutRefWorker`, composed with
-   the worker class the verl mode chose: ``DetachActorWorker`` for ``separate_async``);
+   the worker class the verl mode chose: ``DetachActorWorker`` for ``separate_async``), also for a LoRA student,
+   whose ref verl would otherwise take from the actor with its adapters off (:attr:`TIPTrainerMixin.ref_in_actor`);
 2. ``_compute_advantage`` runs TIP on the driver, once per training batch (per local update when
    ``separate_async`` makes ``parameter_sync_step`` > 1), after verl's old-log-prob pass (student log-probs
    + entropy, recomputed by the policy being updated) and ref pass (teacher log-probs): the kept set does
@@ -86,6 +87,17 @@ class TIPTrainerMixin:
     def trainer_mode(self, value: str) -> None:
         # PPOTrainer.__init__ assigns config.trainer.v1.trainer_mode (the tip_* name); kept for the record.
         self.tip_trainer_mode = value
+
+    @property
+    def ref_in_actor(self) -> bool:
+        """verl's LoRA shortcut (``trainer_base.py`` ``_setup``): the ref is the actor with its adapters off. TIP's
+        ref is the teacher, a model of its own, so on the ref-as-teacher path it is never in the actor; verl then
+        builds the ref worker and calls ``compute_ref_log_prob`` as for a full-weight student."""
+        return self.tip.teacher_source != "ref" and getattr(self, "_verl_ref_in_actor", False)
+
+    @ref_in_actor.setter
+    def ref_in_actor(self, value: bool) -> None:
+        self._verl_ref_in_actor = bool(value)  # what verl decided from the LoRA flags
 
     def __init__(self, config):
         # Imported here: teacher.py imports verl's engine workers, which only a running trainer needs (this

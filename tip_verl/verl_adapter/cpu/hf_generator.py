@@ -173,8 +173,30 @@ class HFGenerator:
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        state = self.model.state_dict()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, peft_config: Optional[dict] = None,
+                     adapters: bool = False) -> dict[str, Any]:
+        """Copy weights into the model, by name.
+
+        A LoRA student (``peft_config``: the adapter's PEFT config as a dict, what verl sends vLLM) turns the model
+        into a PEFT model with that adapter on first use; its base weights then arrive under PEFT's names
+        (``q_proj.base_layer.weight``), and with ``adapters=True`` the adapter weights (PEFT's saved names), so
+        generation runs the adapted student exactly as the actor does (base layer plus low-rank update, unmerged).
+        """
+        if peft_config is not None and not hasattr(self.model, "peft_config"):
+            from peft import get_peft_config, get_peft_model
+
+            self.model = get_peft_model(self.model, get_peft_config(dict(peft_config))).eval()
+            self.model.requires_grad_(False)
+        if adapters:
+            from peft import set_peft_model_state_dict
+
+            tensors = dict(named_tensors)
+            result = set_peft_model_state_dict(self.model, tensors)
+            if result.unexpected_keys or not tensors:
+                raise ValueError(f"hf rollout: adapter weights the model does not have: {result.unexpected_keys[:8]}")
+            return {"loaded": len(tensors), "adapters": True}
+        model = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+        state = model.state_dict()
         unexpected, loaded = [], 0
         for name, tensor in named_tensors:
             target = state.get(name)

@@ -10,7 +10,8 @@ verl 0.9.1 drives rollouts through three pieces; tip_verl provides all three for
   one server per replica, for the policy (hybrid), the distillation teacher (colocated) or a reward
   model.
 * :class:`HFServerAdapter` — verl's ``BaseRollout`` living in the actor worker: on every weight sync it
-  gathers the FSDP weights (all ranks take part in the collectives) and ships them to its server.
+  gathers the FSDP weights (all ranks take part in the collectives) and ships them to its server; for a LoRA
+  student, the base weights once and then the adapters with their PEFT config, which the server applies.
 
 The server is :mod:`.hf_server` (on the generator of :mod:`.hf_generator`, the request semantics of
 :mod:`.hf_sampling`); this module holds verl's two registry entries.
@@ -106,7 +107,11 @@ class HFServerAdapter(BaseRollout):
             await server.sleep.remote()
 
     @torch.no_grad()
-    async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps: int = None, **kwargs):
+    async def update_weights(self, weights, wire_format: str = "named_tensors", global_steps: int = None,
+                             peft_config: dict | None = None, base_sync_done: bool = True, **kwargs):
+        """verl's weight sync (``engine_workers.py`` ``update_weights``). A LoRA student sends, as to vLLM, its base
+        weights once (``peft_config`` given, ``base_sync_done=False``) and then only its adapters
+        (``base_sync_done=True``); ``model.lora.merge=True`` sends merged weights (no ``peft_config``)."""
         if wire_format != "named_tensors":
             raise NotImplementedError(f"hf rollout accepts wire_format='named_tensors' only, got {wire_format!r}")
         from verl.workers.rollout.utils import ensure_async_iterator
@@ -120,4 +125,5 @@ class HFServerAdapter(BaseRollout):
             if server is not None:
                 state[name] = tensor.detach().to("cpu").clone()
         if server is not None:
-            await server.update_weights.remote(state, global_steps=global_steps)
+            await server.update_weights.remote(state, global_steps=global_steps, peft_config=peft_config,
+                                               base_sync_done=base_sync_done)

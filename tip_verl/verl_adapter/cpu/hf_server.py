@@ -284,10 +284,13 @@ class HFRolloutServer:
         }
 
     # ------------------------------------------------------------------ weights
-    async def update_weights(self, named_tensors: Any, global_steps: Optional[int] = None) -> dict:
+    async def update_weights(self, named_tensors: Any, global_steps: Optional[int] = None,
+                             peft_config: Optional[dict] = None, base_sync_done: bool = True) -> dict:
+        """Load weights; a LoRA student's base weights or adapters with ``peft_config`` (:meth:`HFGenerator.load_weights`)."""
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         async with self._lock:  # never in the middle of a generation batch
-            info = await asyncio.to_thread(self.generator.load_weights, list(items))
+            info = await asyncio.to_thread(self.generator.load_weights, list(items), peft_config=peft_config,
+                                           adapters=peft_config is not None and base_sync_done)
             if global_steps is not None:
                 self.global_steps = global_steps
             self.stats["weight_updates"] += 1
