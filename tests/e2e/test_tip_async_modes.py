@@ -39,11 +39,15 @@ STALENESS = {"tip/staleness_mean": "training/off_policy/trajectory_staleness/mea
              "tip/staleness_worst_max": "training/off_policy/trajectory_staleness_worst/max"}
 
 
-def _check_tip_step(step: int, m: dict) -> None:
+#: metrics that must be present and finite in each step (the default: verl's PPO loss on the TIP advantage)
+PG_KEYS = ("actor/pg_loss", "actor/grad_norm", "tip/kept_reverse_kl_mean", "tip/divergence_mean")
+
+
+def _check_tip_step(step: int, m: dict, finite: tuple = PG_KEYS) -> None:
     assert 0.3 <= m["tip/kept_fraction"] <= 0.55, (step, m["tip/kept_fraction"])
     for family in ("share", "kept_share", "divergence_share"):
         assert sum(m[f"tip/q{i}_{family}"] for i in range(1, 5)) == pytest.approx(1.0, abs=1e-6), (step, family)
-    for key in ("actor/pg_loss", "actor/grad_norm", "tip/kept_reverse_kl_mean", "tip/divergence_mean"):
+    for key in finite:
         assert key in m and m[key] == m[key] and abs(m[key]) < 1e6, (step, key, m.get(key))
     for tip_key, verl_key in STALENESS.items():  # the same lag verl reports, per step
         assert m[tip_key] == pytest.approx(m[verl_key]), (step, tip_key, m[tip_key], m[verl_key])
@@ -104,22 +108,28 @@ def test_separate_async_ref_teacher_over_gloo(tiny_assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_colocate_async_teacher_server(tiny_assets, tmp_path):
+def test_colocate_async_teacher_server_forward_kl_topk(tiny_assets, tmp_path):
     """The other teacher path: verl's distillation teacher server (the hf server on the CPU) in tip_colocate_async,
-    TIP masking verl's k1 policy-gradient distillation loss (run_tiny_opd_server.sh: 4 prompts x 2, one update)."""
+    TIP masking verl's top-k ``forward_kl_topk`` loss (run_tiny_opd_server.sh: 4 prompts x 2, one update); the
+    server's top-k (k=16) is TIP's signal."""
     env, probe = sparse_probe(tmp_path)
-    out, steps, wall = run_example("run_tiny_opd_server.sh",
-                                   ["trainer.v1.trainer_mode=tip_colocate_async", "trainer.total_training_steps=2"],
-                                   tiny_assets, tmp_path, env_extra=env)
+    out, steps, wall = run_example(
+        "run_tiny_opd_server.sh",
+        ["trainer.v1.trainer_mode=tip_colocate_async", "trainer.total_training_steps=2",
+         "distillation.distillation_loss.loss_mode=forward_kl_topk",
+         "distillation.distillation_loss.use_policy_gradient=False", "distillation.distillation_loss.topk=16"],
+        tiny_assets, tmp_path, env_extra=env)
     print(f"\n[tip_colocate_async, teacher server] wall {wall:.0f} s (load {os.getloadavg()[0]:.1f})")
     assert set(steps) == {1, 2}, out[-4000:]
-    assert "teacher=verl distillation teacher server" in out
-    calls = sparse_calls_per_rank(probe)[0]
-    assert len(calls) == 4  # one update a step, two micro-batches of 4 sequences
+    assert "teacher=verl distillation teacher server" in out and "'topk_k': 16" in out
+    # verl's top-k loss reads the student's full logits: the sparse lm_head steps aside, saying why (documented)
+    assert sparse_calls_per_rank(probe) == {} and "top-K distillation needs the full student logits" in out
     for step, m in steps.items():
-        _check_tip_step(step, m)
-        pair = calls[2 * (step - 1): 2 * step]
-        assert [c["sequences"] for c in pair] == [4, 4] and sum(c["kept_rows"] for c in pair) == m["tip/kept_count"]
-        assert m["actor/distillation/loss"] == m["actor/distillation/loss"]  # finite (verl's k1 on kept tokens)
+        _check_tip_step(step, m, finite=("actor/distillation/loss", "tip/kept_topk_reverse_kl_mean",
+                                         "tip/topk_forward_kl_mean", "tip/divergence_mean"))
+        # the server's top-k drives δ (top-k reverse KL, the student's log-probs gathered at its ids)
+        assert m["tip/divergence_mean"] == pytest.approx(m["tip/topk_reverse_kl_mean"])
+        assert m["tip/topk_forward_kl_mean"] > 0
+        assert m["actor/distillation/loss"] > 0  # verl's forward KL over the top-k, on kept tokens
     assert steps[1]["tip/staleness_worst_max"] == 0
     assert steps[2]["tip/staleness_worst_max"] >= 1 and steps[2]["tip/stale_kept_share"] > 0

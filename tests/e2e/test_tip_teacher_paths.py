@@ -3,7 +3,8 @@
 * the reference model as teacher with the top-k signal and the direct top-k reverse-KL loss, on two
   data-parallel worker ranks (``N_WORKERS=2``: FSDP2 over two processes, as a GPU job shards over GPUs);
 * verl's native distillation teacher server (the hf server on the CPU) with TIP masking verl's
-  k1 policy-gradient distillation loss on two ranks, and with its top-k ``forward_kl_topk`` loss on one.
+  k1 policy-gradient distillation loss on two ranks (its top-k ``forward_kl_topk`` loss: in
+  tests/e2e/test_tip_async_modes.py, with tip_colocate_async).
 
 The one-rank ref-as-teacher path is the main job's test (tests/e2e/test_tip_opd_trainer.py). On two ranks the
 runs check that the sparse lm_head ran on both ranks (a record per rank and update call from the test
@@ -124,20 +125,3 @@ def test_native_teacher_server_k1_policy_gradient_on_two_ranks(tiny_assets, tmp_
                     sequences_per_step=8)
     assert "teacher=verl distillation teacher server" in out
     print(f"[run_tiny_opd_server, 2 ranks] wall {wall:.0f} s (load {os.getloadavg()[0]:.1f})")
-
-
-@pytest.mark.slow
-def test_native_teacher_server_forward_kl_topk(tiny_assets, tmp_path):
-    out, steps, _ = run_example(
-        "run_tiny_opd_server.sh",
-        ["trainer.total_training_steps=2", "distillation.distillation_loss.loss_mode=forward_kl_topk",
-         "distillation.distillation_loss.use_policy_gradient=False", "distillation.distillation_loss.topk=16"],
-        tiny_assets, tmp_path,
-    )
-    _check_selection(steps)
-    for step, m in steps.items():
-        # the server's top-k drives δ (top-k reverse KL, the student's log-probs gathered at its ids)
-        assert m["tip/divergence_mean"] == pytest.approx(m["tip/topk_reverse_kl_mean"])
-        assert m["tip/topk_forward_kl_mean"] > 0
-        assert m["actor/distillation/loss"] > 0
-    assert "'topk_k': 16" in out
